@@ -1,0 +1,19 @@
+//! Types and algorithms shared by the XDP program and user space.
+//!
+//! Everything here is `no_std` so the kernel side can use it; the `user` feature adds the
+//! allocating Maglev table builder and `aya::Pod` impls. The flow hash, the table slot
+//! reduction and the Maglev builder are also the reference model the tests compare the
+//! kernel against.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate alloc;
+
+pub mod encap;
+pub mod flow;
+#[cfg(feature = "user")]
+pub mod maglev;
+pub mod maps;
+pub mod wire;
+
+pub use maps::{Backend, Counter, Reason, VipKey, VipMeta};

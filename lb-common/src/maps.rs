@@ -1,0 +1,190 @@
+//! Map layouts, map and global names, limits and the counted reasons: the contract between
+//! the loader and the XDP program.
+use bytemuck::{Pod, Zeroable};
+
+/// Config maps: created `BPF_F_RDONLY_PROG`, filled, then frozen after the program loads.
+pub const MAP_VIPS: &str = "VIPS";
+pub const MAP_BACKENDS: &str = "BACKENDS";
+pub const MAP_MAGLEV: &str = "MAGLEV";
+pub const CONFIG_MAPS: [&str; 3] = [MAP_VIPS, MAP_BACKENDS, MAP_MAGLEV];
+
+/// State maps: per-CPU counters, pinned beside the link so they outlive the command.
+pub const MAP_VIP_COUNTERS: &str = "VIP_COUNTERS";
+pub const MAP_BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
+pub const MAP_REASON_COUNTERS: &str = "REASON_COUNTERS";
+pub const COUNTER_MAPS: [&str; 3] = [MAP_VIP_COUNTERS, MAP_BACKEND_COUNTERS, MAP_REASON_COUNTERS];
+
+/// `.rodata` globals set at load time; the verifier sees them as constants and prunes the
+/// paths a generation cannot take.
+pub mod globals {
+    /// u32: the fleet-wide flow hash seed.
+    pub const HASH_SEED: &str = "HASH_SEED";
+    /// u8: 1 when the generation has an IPv4 / IPv6 VIP.
+    pub const HAS_IPV4: &str = "HAS_IPV4";
+    pub const HAS_IPV6: &str = "HAS_IPV6";
+    /// u8: 1 when some VIP serves every port of its address (port 0), so a second lookup is
+    /// worth doing on a miss.
+    pub const HAS_ANY_PORT: &str = "HAS_ANY_PORT";
+    /// [u8; 6]: destination MAC of encapsulated packets, and the interface's own MAC.
+    pub const GATEWAY_MAC: &str = "GATEWAY_MAC";
+    pub const IFACE_MAC: &str = "IFACE_MAC";
+    /// u32 / [u32; 4], network order: fixed outer source; all zero means synthetic.
+    pub const OUTER_SOURCE_V4: &str = "OUTER_SOURCE_V4";
+    pub const OUTER_SOURCE_V6: &str = "OUTER_SOURCE_V6";
+    /// u32: the interface MTU (largest IP packet, outer header included).
+    pub const MTU: &str = "MTU";
+}
+
+/// Largest generation the loader accepts.
+pub const MAX_VIPS: u32 = 4096;
+/// Backends over all VIPs (each VIP's backends are entries of their own).
+pub const MAX_BACKENDS: u32 = 16384;
+/// Maglev entries over all VIPs (4 bytes each: 256 MiB of kernel memory at the limit).
+pub const MAX_TABLE_ENTRIES: u32 = 64 * 1024 * 1024;
+
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// Key of the VIPS hash map. `port` is network order; 0 serves every port. For each
+/// (address, protocol) of the config there is also an entry with port 0: the VIP itself
+/// if it serves every port, otherwise an address marker (`VIP_FLAG_ADDRESS_ONLY`), which
+/// lets the program recognise fragments and malformed packets aimed at a VIP address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct VipKey {
+    /// IPv4: word 0 holds the address, the rest is zero.
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub protocol: u8,
+    pub family: u8,
+}
+
+/// The entry marks a VIP address and protocol; it forwards nothing.
+pub const VIP_FLAG_ADDRESS_ONLY: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipMeta {
+    /// First entry of this VIP's table in the MAGLEV array.
+    pub table_offset: u32,
+    pub table_size: u32,
+    /// Index into VIP_COUNTERS.
+    pub vip_index: u32,
+    pub flags: u32,
+}
+
+/// An entry of the BACKENDS array; MAGLEV entries are indices into it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    /// Network order; IPv4 in word 0.
+    pub addr: [u32; 4],
+    /// Index into BACKEND_COUNTERS.
+    pub counter_index: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    /// Bytes of the IP packet as received (before encapsulation).
+    pub bytes: u64,
+}
+
+/// Why the program returned what it returned: one counter each in REASON_COUNTERS.
+/// [`Reason::action`] is the documented rule.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Encapsulated toward a backend: `XDP_TX`.
+    Forwarded = 0,
+    /// Not IPv4/IPv6 (ARP, LLDP, stacked VLANs, ...).
+    PassNotIp = 1,
+    /// IP traffic for no VIP, or a protocol/port no VIP serves.
+    PassNotVip = 2,
+    /// An IP header too short or inconsistent to tell whether it is for a VIP.
+    PassMalformed = 3,
+    /// An IPv4 fragment to a VIP address: one flow's fragments cannot be hashed consistently.
+    DropFragment = 4,
+    /// IPv4 options to a VIP address.
+    DropIpv4Options = 5,
+    /// IPv6 extension headers to a VIP address.
+    DropIpv6Extension = 6,
+    /// To a VIP address, but the transport header or the payload is cut short.
+    DropTruncated = 7,
+    /// Would exceed the interface MTU once encapsulated.
+    DropTooBig = 8,
+    /// `bpf_xdp_adjust_head` refused the room for the outer header.
+    DropEncapFailed = 9,
+    /// A table entry pointed at no backend: a loader bug, never expected.
+    DropTableMiss = 10,
+}
+
+pub const REASON_COUNT: u32 = 11;
+
+/// XDP actions, as in the kernel uapi.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+impl Reason {
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::Forwarded,
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassMalformed,
+        Reason::DropFragment,
+        Reason::DropIpv4Options,
+        Reason::DropIpv6Extension,
+        Reason::DropTruncated,
+        Reason::DropTooBig,
+        Reason::DropEncapFailed,
+        Reason::DropTableMiss,
+    ];
+
+    #[inline(always)]
+    pub fn action(self) -> u32 {
+        match self {
+            Reason::Forwarded => XDP_TX,
+            Reason::PassNotIp | Reason::PassNotVip | Reason::PassMalformed => XDP_PASS,
+            _ => XDP_DROP,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::DropFragment => "drop_fragment",
+            Reason::DropIpv4Options => "drop_ipv4_options",
+            Reason::DropIpv6Extension => "drop_ipv6_extension",
+            Reason::DropTruncated => "drop_truncated",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::DropEncapFailed => "drop_encap_failed",
+            Reason::DropTableMiss => "drop_table_miss",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C) with no padding (bytemuck::Pod is derived on each).
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_indexed_by_their_value() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}
