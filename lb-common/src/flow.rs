@@ -1,8 +1,8 @@
 //! The seeded flow hash and the reduction of a hash to a Maglev table slot.
 //!
 //! MurmurHash3 (x86, 32-bit) over 32-bit words: a few multiplies per word, cheap in BPF and
-//! well distributed. Words are the packet's bytes read little-endian, so kernel (bpfel) and
-//! user space agree bit for bit.
+//! well distributed. Words are the packet's bytes as loaded natively (`from_ne_bytes`), so
+//! kernel and user space on the same host agree bit for bit.
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -66,7 +66,7 @@ pub fn hash_words(seed: u32, words: &[u32]) -> u32 {
 pub fn ports_word(source: u16, dest: u16) -> u32 {
     let s = source.to_be_bytes();
     let d = dest.to_be_bytes();
-    u32::from_le_bytes([s[0], s[1], d[0], d[1]])
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
 }
 
 /// Maps a 32-bit hash onto `0..table_size` with a multiply and a shift (Lemire's reduction),

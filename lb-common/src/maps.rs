@@ -59,6 +59,18 @@ pub struct VipKey {
     pub family: u8,
 }
 
+/// MAGLEV holds every VIP's table back to back, 16 entries to a value: one cache line each,
+/// and 4 bytes an entry where an array of u32 would take 8 (the kernel rounds array values up
+/// to 8 bytes).
+pub const MAGLEV_CHUNK_LEN: usize = 16;
+pub type MaglevChunk = [u32; MAGLEV_CHUNK_LEN];
+
+/// Where table entry `index` (counted over all tables) lives: (chunk, lane).
+#[inline(always)]
+pub fn maglev_position(index: u32) -> (u32, usize) {
+    (index / MAGLEV_CHUNK_LEN as u32, (index % MAGLEV_CHUNK_LEN as u32) as usize)
+}
+
 /// The entry marks a VIP address and protocol; it forwards nothing.
 pub const VIP_FLAG_ADDRESS_ONLY: u32 = 1;
 
@@ -85,6 +97,7 @@ pub struct Backend {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct Counter {
     pub packets: u64,
     /// Bytes of the IP packet as received (before encapsulation).

@@ -1,1 +1,175 @@
-fn main(){}
+//! ballast's XDP program: parse, match the VIP, hash the flow, pick the backend from the
+//! Maglev table, encapsulate (IPIP / IP6IP6) and `XDP_TX`. Every packet is counted under one
+//! `lb_common::maps::Reason`, whose `action()` is the documented verdict.
+#![no_std]
+#![no_main]
+
+mod encap;
+mod maps;
+mod parse;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use lb_common::{
+    encap::{ip6ip6_outer_header, ipip_outer_header},
+    flow::{flow_hash_v4, flow_hash_v6, synthetic_source_v4, synthetic_source_v6},
+    maps::{Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6},
+    wire::{
+        is_ipv6_extension_header, l4_min_header_len, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_HEADER_LEN, IPV6_HEADER_LEN,
+    },
+};
+
+use crate::{
+    encap::push_outer,
+    maps::{
+        count, count_reason, find_vip, is_vip_address, pick_backend, BACKEND_COUNTERS, HASH_SEED, HAS_IPV4, HAS_IPV6,
+        MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
+    },
+    parse::{frame_len, has_bytes, parse_l2, read_at, L2},
+};
+
+#[xdp]
+pub fn ballast(ctx: XdpContext) -> u32 {
+    let reason = process(&ctx);
+    count_reason(reason as u32);
+    reason.action()
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> Reason {
+    let Some(l2) = parse_l2(ctx) else { return Reason::PassMalformed };
+    match l2.ether_type {
+        ETH_P_IP if HAS_IPV4.load() != 0 => process_ipv4(ctx, &l2),
+        ETH_P_IPV6 if HAS_IPV6.load() != 0 => process_ipv6(ctx, &l2),
+        ETH_P_IP | ETH_P_IPV6 => Reason::PassNotVip,
+        _ => Reason::PassNotIp,
+    }
+}
+
+/// The verdict for a packet to `key`'s address that cannot be forwarded for `why`: dropped
+/// if the address and protocol belong to a VIP, passed otherwise.
+#[inline(always)]
+fn refuse_if_vip(key: VipKey, why: Reason) -> Reason {
+    if is_vip_address(key) {
+        why
+    } else {
+        Reason::PassNotVip
+    }
+}
+
+#[inline(always)]
+fn is_vip_protocol(protocol: u8) -> bool {
+    protocol == IPPROTO_TCP || protocol == IPPROTO_UDP
+}
+
+/// Where the transport header starts, if the packet holds the whole of it and the IP length
+/// covers it and fits in the frame.
+#[inline(always)]
+fn transport_offset(ctx: &XdpContext, l3: usize, ip_header_len: usize, ip_total_len: usize, protocol: u8) -> Option<usize> {
+    let l4 = l3 + ip_header_len;
+    let min = l4_min_header_len(protocol);
+    if ip_total_len < ip_header_len + min || l3 + ip_total_len > frame_len(ctx) || !has_bytes(ctx, l4, min) {
+        return None;
+    }
+    Some(l4)
+}
+
+#[inline(always)]
+fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
+    let l3 = l2.len();
+    let Some(ip) = read_at::<Ipv4Hdr>(ctx, l3) else { return Reason::PassMalformed };
+    if ip.version_ihl >> 4 != 4 || ip.version_ihl & 0xf < 5 {
+        return Reason::PassMalformed;
+    }
+    if !is_vip_protocol(ip.protocol) {
+        return Reason::PassNotVip;
+    }
+    let key = VipKey { addr: [ip.daddr, 0, 0, 0], port: 0, protocol: ip.protocol, family: FAMILY_IPV4 };
+    if ip.version_ihl != 0x45 {
+        return refuse_if_vip(key, Reason::DropIpv4Options);
+    }
+    if ip.is_fragment() {
+        return refuse_if_vip(key, Reason::DropFragment);
+    }
+    let total_len = ip.total_len() as usize;
+    let Some(l4) = transport_offset(ctx, l3, IPV4_HEADER_LEN, total_len, ip.protocol) else {
+        return refuse_if_vip(key, Reason::DropTruncated);
+    };
+    let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
+    let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
+    let hash = flow_hash_v4(HASH_SEED.load(), ip.saddr, ip.daddr, ports, ip.protocol);
+    forward(l2, &vip, hash, total_len, |backend| {
+        let fixed = OUTER_SOURCE_V4.load();
+        let source = if fixed != 0 { fixed } else { synthetic_source_v4(hash) };
+        push_outer(ctx, l2, &ipip_outer_header(&ip, source, backend[0]))
+    })
+}
+
+#[inline(always)]
+fn process_ipv6(ctx: &XdpContext, l2: &L2) -> Reason {
+    let l3 = l2.len();
+    let Some(ip) = read_at::<Ipv6Hdr>(ctx, l3) else { return Reason::PassMalformed };
+    if ip.version() != 6 {
+        return Reason::PassMalformed;
+    }
+    let key = VipKey { addr: ip.daddr, port: 0, protocol: ip.next_header, family: FAMILY_IPV6 };
+    if !is_vip_protocol(ip.next_header) {
+        if !is_ipv6_extension_header(ip.next_header) {
+            return Reason::PassNotVip;
+        }
+        // The transport protocol hides behind the extension headers: either one counts.
+        let tcp = refuse_if_vip(VipKey { protocol: IPPROTO_TCP, ..key }, Reason::DropIpv6Extension);
+        return match tcp {
+            Reason::PassNotVip => refuse_if_vip(VipKey { protocol: IPPROTO_UDP, ..key }, Reason::DropIpv6Extension),
+            dropped => dropped,
+        };
+    }
+    let total_len = IPV6_HEADER_LEN + ip.payload_len() as usize;
+    let Some(l4) = transport_offset(ctx, l3, IPV6_HEADER_LEN, total_len, ip.next_header) else {
+        return refuse_if_vip(key, Reason::DropTruncated);
+    };
+    let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
+    let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
+    let hash = flow_hash_v6(HASH_SEED.load(), &ip.saddr, &ip.daddr, ports, ip.next_header);
+    forward(l2, &vip, hash, total_len, |backend| {
+        let fixed = OUTER_SOURCE_V6.load();
+        let source = if fixed != [0; 4] { fixed } else { synthetic_source_v6(hash) };
+        push_outer(ctx, l2, &ip6ip6_outer_header(&ip, source, backend, hash))
+    })
+}
+
+/// The destination port (network order) from the ports word: its upper half on bpfel.
+#[inline(always)]
+fn dport(ports: u32) -> u16 {
+    (ports >> 16) as u16
+}
+
+/// Picks the backend, checks the MTU, encapsulates with `encapsulate` and counts.
+/// `ip_len` is the inner IP packet's length; the outer header of the same family adds as much
+/// as the inner IP header's fixed part.
+#[inline(always)]
+fn forward(
+    l2: &L2,
+    vip: &VipMeta,
+    hash: u32,
+    ip_len: usize,
+    encapsulate: impl FnOnce([u32; 4]) -> bool,
+) -> Reason {
+    let Some(backend) = pick_backend(vip, hash) else { return Reason::DropTableMiss };
+    let outer_len = if l2.ether_type == ETH_P_IP { IPV4_HEADER_LEN } else { IPV6_HEADER_LEN };
+    if ip_len + outer_len > MTU.load() as usize {
+        return Reason::DropTooBig;
+    }
+    if !encapsulate(backend.addr) {
+        return Reason::DropEncapFailed;
+    }
+    count(&VIP_COUNTERS, vip.vip_index, ip_len as u64);
+    count(&BACKEND_COUNTERS, backend.counter_index, ip_len as u64);
+    Reason::Forwarded
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

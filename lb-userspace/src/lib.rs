@@ -1,1 +1,7 @@
-
+//! ballast: an immutable eBPF/XDP layer-4 load balancer (user space).
+pub mod config;
+pub mod generation;
+pub mod kernel;
+pub mod loader;
+pub mod netns;
+pub mod pins;

@@ -1,1 +1,116 @@
-fn main(){}
+//! Project tasks, run as `cargo xtask <task>` (aliased in `.cargo/config.toml`).
+//!
+//! - `setup`: installs what a fresh Debian 12 machine needs to build and test ballast.
+//! - `test`: setup, then build, every test and clippy; the command CI runs.
+//! - `demo`: setup, then builds and runs `ballast demo`.
+
+mod process;
+mod setup;
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The eBPF crate only builds for `bpfel-unknown-none`; lb-userspace's build script compiles it,
+/// so host-side workspace commands leave it out.
+const EBPF_CRATE: &str = "lb-ebpf";
+
+#[derive(Parser)]
+#[command(bin_name = "cargo xtask", about = "ballast's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything a fresh Debian 12 machine needs (apt packages, nightly with rust-src,
+    /// bpf-linker, bpffs); quick when already done.
+    Setup,
+    /// Setup, then build the workspace, run every test and clippy with warnings denied.
+    Test {
+        /// Arguments for `cargo test`, e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Setup, then build and run `ballast demo` (needs root).
+    Demo,
+}
+
+/// Errors print as one line (with their causes), not anyhow's backtrace.
+fn main() -> ExitCode {
+    let outcome = match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo => demo(),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo <subcommand> --workspace --exclude lb-ebpf`, run in the workspace root.
+fn cargo_on_host_crates(subcommand: &str) -> Result<std::process::Command> {
+    let mut command = process::cargo()?;
+    command.args([subcommand, "--workspace", "--exclude", EBPF_CRATE]);
+    Ok(command)
+}
+
+fn test(cargo_test_args: &[String]) -> Result<()> {
+    setup::run()?;
+    process::run(&mut cargo_on_host_crates("build")?)
+        .context("xtask test: build failed; tests and clippy were not run")?;
+
+    let mut cargo_test = cargo_on_host_crates("test")?;
+    cargo_test.arg("--no-fail-fast").args(cargo_test_args).env("RUST_BACKTRACE", "1");
+    let mut clippy = cargo_on_host_crates("clippy")?;
+    clippy.args(["--all-targets", "--", "-D", "warnings"]);
+
+    let outcomes = [("tests", process::run(&mut cargo_test)), ("clippy", process::run(&mut clippy))];
+    summarise(&outcomes)
+}
+
+/// Prints one line with every step's outcome; Err if any step failed.
+fn summarise(outcomes: &[(&str, Result<()>)]) -> Result<()> {
+    let failures: Vec<String> = outcomes
+        .iter()
+        .filter_map(|(step, outcome)| outcome.as_ref().err().map(|error| format!("{step}: {error}")))
+        .collect();
+    let line: Vec<String> = outcomes
+        .iter()
+        .map(|(step, outcome)| format!("{step} {}", if outcome.is_ok() { "ok" } else { "FAILED" }))
+        .collect();
+    println!("xtask test: build ok, {}", line.join(", "));
+    if !failures.is_empty() {
+        bail!("xtask test failed: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+/// Exits with `ballast demo`'s exit code.
+fn demo() -> Result<()> {
+    setup::run()?;
+    let mut ballast_demo = process::cargo()?;
+    ballast_demo.args(["run", "--package", "lb-userspace", "--bin", "ballast", "--", "demo"]);
+    let status = process::status_of(&mut ballast_demo)?;
+    std::process::exit(status.code().unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_passes_everything_after_the_separator_to_cargo_test() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "maglev", "--", "--nocapture"]);
+        match cli.map(|cli| cli.task) {
+            Ok(Task::Test { cargo_test_args }) => assert_eq!(cargo_test_args, ["maglev", "--", "--nocapture"]),
+            _ => panic!("`test -- ...` did not parse as the test task"),
+        }
+    }
+}

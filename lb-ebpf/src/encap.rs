@@ -1,0 +1,33 @@
+//! Direct-server-return encapsulation: make room in front of the IP packet, rewrite the
+//! link layer toward the gateway and write the outer IP header.
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::wire::{EthHdr, VlanHdr, ETH_HEADER_LEN};
+
+use crate::{
+    maps::{GATEWAY_MAC, IFACE_MAC},
+    parse::{ptr_at, L2},
+};
+
+/// Prepends `outer` between the link layer and the IP packet. False if the kernel refused the
+/// headroom or the new frame fails the bounds check.
+#[inline(always)]
+pub fn push_outer<T>(ctx: &XdpContext, l2: &L2, outer: &T) -> bool {
+    let grow = core::mem::size_of::<T>() as i32;
+    // SAFETY: the helper checks headroom itself; failure leaves the packet as it was.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
+        return false;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return false };
+    let eth_header = EthHdr { dst: GATEWAY_MAC.load(), src: IFACE_MAC.load(), ether_type: l2.eth.ether_type };
+    // SAFETY: every write below is to a bounds-checked pointer into the packet.
+    unsafe { *eth = eth_header };
+    let mut offset = ETH_HEADER_LEN;
+    if let Some(vlan) = l2.vlan {
+        let Some(tag) = ptr_at::<VlanHdr>(ctx, offset) else { return false };
+        unsafe { *tag = vlan };
+        offset += core::mem::size_of::<VlanHdr>();
+    }
+    let Some(header) = ptr_at::<T>(ctx, offset) else { return false };
+    unsafe { core::ptr::copy_nonoverlapping(outer, header, 1) };
+    true
+}

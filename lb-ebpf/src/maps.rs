@@ -1,0 +1,93 @@
+//! Maps and `.rodata` globals; names and layouts come from `lb_common::maps`.
+use aya_ebpf::{
+    bindings::BPF_F_RDONLY_PROG,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+    Global,
+};
+use lb_common::maps::{maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, MAX_BACKENDS, MAX_VIPS, REASON_COUNT};
+
+// Config maps: max_entries is set by the loader; read-only for this program, frozen after load.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(1, BPF_F_RDONLY_PROG);
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
+#[map]
+pub static MAGLEV: Array<MaglevChunk> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
+
+// State: counters, sized to the limits so they can outlive a generation.
+#[map]
+pub static VIP_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static BACKEND_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+#[unsafe(no_mangle)]
+pub static HASH_SEED: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static HAS_IPV4: Global<u8> = Global::new(1);
+#[unsafe(no_mangle)]
+pub static HAS_IPV6: Global<u8> = Global::new(1);
+#[unsafe(no_mangle)]
+pub static HAS_ANY_PORT: Global<u8> = Global::new(1);
+#[unsafe(no_mangle)]
+pub static GATEWAY_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+#[unsafe(no_mangle)]
+pub static IFACE_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+#[unsafe(no_mangle)]
+pub static OUTER_SOURCE_V4: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static OUTER_SOURCE_V6: Global<[u32; 4]> = Global::new([0; 4]);
+#[unsafe(no_mangle)]
+pub static MTU: Global<u32> = Global::new(1500);
+
+#[inline(always)]
+pub fn count(counters: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(c) = counters.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, written by this CPU only.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_reason(reason: u32) {
+    if let Some(c) = REASON_COUNTERS.get_ptr_mut(reason) {
+        // SAFETY: as above.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The VIP entry for (address, port, protocol), falling back to the address's every-port
+/// VIP. Address markers are not VIPs.
+#[inline(always)]
+pub fn find_vip(mut key: VipKey) -> Option<VipMeta> {
+    // SAFETY: values of a read-only map, copied out at once.
+    let mut meta = unsafe { VIPS.get(&key) }.copied();
+    if meta.is_none() && HAS_ANY_PORT.load() != 0 {
+        key.port = 0;
+        meta = unsafe { VIPS.get(&key) }.copied();
+    }
+    meta.filter(|m| m.flags & lb_common::maps::VIP_FLAG_ADDRESS_ONLY == 0)
+}
+
+/// Whether some VIP listens on this address and protocol (any port): decides whether a
+/// fragment or malformed packet is "toward a VIP".
+#[inline(always)]
+pub fn is_vip_address(mut key: VipKey) -> bool {
+    key.port = 0;
+    // SAFETY: only presence is read.
+    unsafe { VIPS.get(&key) }.is_some()
+}
+
+/// The backend a flow hash selects in a VIP's table.
+#[inline(always)]
+pub fn pick_backend(meta: &VipMeta, hash: u32) -> Option<Backend> {
+    let index = meta.table_offset + lb_common::flow::table_slot(hash, meta.table_size);
+    let (chunk, lane) = maglev_position(index);
+    let backend_index = *MAGLEV.get(chunk)?.get(lane)?;
+    BACKENDS.get(backend_index).copied()
+}

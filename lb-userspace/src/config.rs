@@ -1,0 +1,902 @@
+//! The TOML configuration of ballast and its validation.
+//!
+//! A config is parsed into loose raw structs (addresses as strings, numbers as `i64`,
+//! optional fields as `Option`) and then checked by hand, so that every refusal names the
+//! offending field by path (`vip[2].backends[5].address`) and quotes the offending value.
+//! Unknown keys are refused by serde (`deny_unknown_fields`): a misspelt optional key such
+//! as `tabel_size` would otherwise be silently ignored. A [`Config`] that comes out of
+//! [`Config::from_toml_str`] fits one generation: the loader need not check again.
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use anyhow::Context as _;
+use lb_common::maglev;
+use lb_common::maps::{MAX_BACKENDS, MAX_TABLE_ENTRIES, MAX_VIPS};
+use lb_common::wire::{IPPROTO_TCP, IPPROTO_UDP};
+use serde::{Deserialize, Serialize};
+
+/// A small valid config: what `ballast` users start from, and what the demo runs.
+pub const EXAMPLE_CONFIG: &str = r#"# ballast example config.
+
+# Fleet-wide flow hash seed (u32). Every load balancer in front of the same backends must
+# use the same seed, so that each sends a given flow to the same backend.
+hash_seed = 0x5eed
+
+# Web: TCP port 80 of 192.0.2.10. 10.1.0.3 gets twice the share of each other backend.
+# table_size is left out: the default (65537 here) suits up to 655 backends.
+[[vip]]
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+backends = [
+    { address = "10.1.0.1" },             # weight defaults to 1
+    { address = "10.1.0.2", weight = 1 },
+    { address = "10.1.0.3", weight = 2 },
+]
+
+# DNS: UDP port 53 of the same address. A small table (a prime, at least 100 entries per
+# backend) costs less kernel memory; port = 0 would serve every port of the address.
+[[vip]]
+address = "192.0.2.10"
+port = 53
+protocol = "udp"
+table_size = 1021
+backends = [
+    { address = "10.2.0.1" },
+    { address = "10.2.0.2" },
+]
+
+# HTTPS over IPv6. Backends of an IPv6 VIP are IPv6 (IP6IP6); of an IPv4 VIP, IPv4 (IPIP).
+[[vip]]
+address = "2001:db8::10"
+port = 443
+protocol = "tcp"
+backends = [
+    { address = "2001:db8:1::1" },
+    { address = "2001:db8:1::2" },
+]
+"#;
+
+/// Weights are relative shares; 16 bits is plenty, and the bound catches a stray extra digit
+/// that would otherwise starve every other backend.
+pub const MAX_WEIGHT: u32 = 65_535;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as in the packet and in `VipKey::protocol`.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendConfig {
+    /// Same family as the VIP's address.
+    pub address: IpAddr,
+    /// 0 to [`MAX_WEIGHT`]; 0 drains the backend (it keeps no table entries).
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VipConfig {
+    pub address: IpAddr,
+    /// 0 serves every port of the address.
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Maglev table size: the configured one, or the default for the backend count.
+    pub table_size: u32,
+    /// In file order; at least one has a positive weight.
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub hash_seed: u32,
+    /// In file order.
+    pub vips: Vec<VipConfig>,
+}
+
+/// A refused config: `path` names the field (`vip[2].backends[5].address`), or is empty when
+/// the file as a whole is at fault (TOML syntax, unknown keys, generation limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The file as written. Numbers are `i64` (what TOML integers are) so that out-of-range
+/// values get our path-named message rather than serde's; optional-looking fields are
+/// `Option` so that a missing one does too.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hash_seed: Option<i64>,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: Option<String>,
+    port: Option<i64>,
+    protocol: Option<String>,
+    table_size: Option<i64>,
+    backends: Option<Vec<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<String>,
+    weight: Option<i64>,
+}
+
+impl Config {
+    /// Parses and validates a config; the first problem found is the error.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::new("", e.to_string().trim_end()))?;
+        validate(raw)
+    }
+
+    /// Reads and validates the config at `path`; errors name the file, e.g.
+    /// "lb.toml: vip[2].port: 70000 is not a port (0 to 65535)".
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::from_toml_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The config as canonical JSON, for content-addressed digests: VIPs sorted by
+    /// (family, address, port, protocol), backends by address, table sizes resolved, no
+    /// whitespace. Configs that differ only in order render identically.
+    pub fn to_canonical_json(&self) -> String {
+        let mut vips: Vec<&VipConfig> = self.vips.iter().collect();
+        // IpAddr orders every IPv4 address before every IPv6 one: family first.
+        vips.sort_by_key(|v| (v.address, v.port, v.protocol));
+        let vips: Vec<serde_json::Value> = vips
+            .into_iter()
+            .map(|v| {
+                let mut backends: Vec<&BackendConfig> = v.backends.iter().collect();
+                backends.sort_by_key(|b| b.address);
+                let backends: Vec<serde_json::Value> = backends
+                    .into_iter()
+                    .map(|b| serde_json::json!({ "address": b.address.to_string(), "weight": b.weight }))
+                    .collect();
+                // Keys in alphabetical order, so the output is the same whether or not some
+                // crate turns on serde_json's `preserve_order`.
+                serde_json::json!({
+                    "address": v.address.to_string(),
+                    "backends": backends,
+                    "port": v.port,
+                    "protocol": v.protocol.name(),
+                    "table_size": v.table_size,
+                })
+            })
+            .collect();
+        serde_json::json!({ "hash_seed": self.hash_seed, "vips": vips }).to_string()
+    }
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let hash_seed = match raw.hash_seed {
+        None => {
+            return Err(ConfigError::new(
+                "hash_seed",
+                "missing; set the fleet-wide flow hash seed, a u32 (e.g. hash_seed = 0x5eed)",
+            ))
+        }
+        Some(seed) => u32::try_from(seed)
+            .map_err(|_| ConfigError::new("hash_seed", format!("{seed} does not fit in a u32 (0 to 4294967295)")))?,
+    };
+    if raw.vip.is_empty() {
+        return Err(ConfigError::new("vip", "no [[vip]] table; a config serves at least one VIP"));
+    }
+    // Generation limits that need no validated field come first: a config far too large is
+    // refused for that, not for whatever its thousandth VIP gets wrong.
+    if raw.vip.len() as u64 > MAX_VIPS as u64 {
+        return Err(ConfigError::new(
+            "",
+            format!("{} VIPs; a generation holds at most {MAX_VIPS} (MAX_VIPS)", raw.vip.len()),
+        ));
+    }
+    let total_backends: u64 = raw.vip.iter().map(|v| v.backends.as_ref().map_or(0, Vec::len) as u64).sum();
+    if total_backends > MAX_BACKENDS as u64 {
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "{total_backends} backends over all VIPs; a generation holds at most {MAX_BACKENDS} (MAX_BACKENDS)"
+            ),
+        ));
+    }
+
+    let mut vips = Vec::with_capacity(raw.vip.len());
+    let mut seen: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
+    for (i, raw_vip) in raw.vip.into_iter().enumerate() {
+        let vip = validate_vip(i, raw_vip)?;
+        if let Some(first) = seen.insert((vip.address, vip.port, vip.protocol), i) {
+            return Err(ConfigError::new(
+                format!("vip[{i}]"),
+                format!("duplicates vip[{first}] ({}/{})", SocketAddr::new(vip.address, vip.port), vip.protocol.name()),
+            ));
+        }
+        vips.push(vip);
+    }
+
+    let total_entries: u64 = vips.iter().map(|v| v.table_size as u64).sum();
+    if total_entries > MAX_TABLE_ENTRIES as u64 {
+        return Err(ConfigError::new(
+            "",
+            format!(
+                "{total_entries} Maglev table entries over all VIPs; a generation holds at most \
+                 {MAX_TABLE_ENTRIES} (MAX_TABLE_ENTRIES): set smaller table_size values"
+            ),
+        ));
+    }
+    Ok(Config { hash_seed, vips })
+}
+
+fn validate_vip(i: usize, raw: RawVip) -> Result<VipConfig, ConfigError> {
+    let at = |field: &str| format!("vip[{i}].{field}");
+    let address = parse_address(&at("address"), raw.address.as_deref(), "VIP")?;
+    let port = match raw.port {
+        None => return Err(ConfigError::new(at("port"), "missing (0 serves every port of the address)")),
+        Some(p) => {
+            u16::try_from(p).map_err(|_| ConfigError::new(at("port"), format!("{p} is not a port (0 to 65535)")))?
+        }
+    };
+    let protocol = match raw.protocol.as_deref() {
+        None => return Err(ConfigError::new(at("protocol"), "missing (tcp or udp)")),
+        Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
+        Some(other) => return Err(ConfigError::new(at("protocol"), format!("'{other}' is not tcp or udp"))),
+    };
+
+    let raw_backends = match raw.backends {
+        None => return Err(ConfigError::new(at("backends"), "missing; a VIP needs at least one backend")),
+        Some(b) if b.is_empty() => {
+            return Err(ConfigError::new(at("backends"), "empty; a VIP needs at least one backend"))
+        }
+        Some(b) => b,
+    };
+    let mut backends = Vec::with_capacity(raw_backends.len());
+    let mut seen: HashMap<IpAddr, usize> = HashMap::new();
+    for (j, raw_backend) in raw_backends.into_iter().enumerate() {
+        let at = |field: &str| format!("vip[{i}].backends[{j}].{field}");
+        let backend_address = parse_address(&at("address"), raw_backend.address.as_deref(), "backend")?;
+        if backend_address.is_ipv4() != address.is_ipv4() {
+            return Err(ConfigError::new(
+                at("address"),
+                format!("'{backend_address}' is {} but the VIP is {}", family(backend_address), family(address)),
+            ));
+        }
+        if let Some(first) = seen.insert(backend_address, j) {
+            return Err(ConfigError::new(
+                at("address"),
+                format!("'{backend_address}' duplicates vip[{i}].backends[{first}]"),
+            ));
+        }
+        let weight = match raw_backend.weight {
+            None => 1,
+            Some(w) => u32::try_from(w)
+                .ok()
+                .filter(|&w| w <= MAX_WEIGHT)
+                .ok_or_else(|| ConfigError::new(at("weight"), format!("{w} is not a weight (0 to {MAX_WEIGHT})")))?,
+        };
+        backends.push(BackendConfig { address: backend_address, weight });
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(ConfigError::new(
+            at("backends"),
+            "every weight is 0; at least one backend needs a positive weight",
+        ));
+    }
+
+    let table_size = table_size(&at("table_size"), raw.table_size, backends.len())?;
+    Ok(VipConfig { address, port, protocol, table_size, backends })
+}
+
+/// The explicit table size if it is usable, else the default for `backends` backends.
+fn table_size(path: &str, explicit: Option<i64>, backends: usize) -> Result<u32, ConfigError> {
+    let min = maglev::min_table_size(backends);
+    let Some(size) = explicit else {
+        return maglev::default_table_size(backends).ok_or_else(|| {
+            ConfigError::new(
+                path,
+                format!(
+                    "no default table size for {backends} backends (the largest default serves {}); \
+                     set table_size to a prime of at least {min}",
+                    maglev::DEFAULT_TABLE_SIZES.last().map_or(0, |&m| m as u64 / maglev::ENTRIES_PER_BACKEND)
+                ),
+            )
+        });
+    };
+    // Checked before primality so that 0 and negative sizes get the clearer message.
+    if size < min as i64 {
+        return Err(ConfigError::new(
+            path,
+            format!(
+                "{size} is below {min}: {} entries per backend x {backends} backends keep each share within 1%",
+                maglev::ENTRIES_PER_BACKEND
+            ),
+        ));
+    }
+    // Not negative any more: failing the conversion means too large as well.
+    let size = match u32::try_from(size) {
+        Ok(size) if size <= MAX_TABLE_ENTRIES => size,
+        _ => {
+            return Err(ConfigError::new(
+                path,
+                format!("{size} is larger than {MAX_TABLE_ENTRIES} (MAX_TABLE_ENTRIES), the most a generation holds"),
+            ))
+        }
+    };
+    if !maglev::is_prime(size) {
+        return Err(ConfigError::new(
+            path,
+            format!("{size} is not prime; Maglev needs a prime size so that every permutation covers the table"),
+        ));
+    }
+    Ok(size)
+}
+
+/// Parses a VIP or backend address and refuses those no packet can be forwarded to or from.
+fn parse_address(path: &str, text: Option<&str>, what: &str) -> Result<IpAddr, ConfigError> {
+    let Some(text) = text else {
+        return Err(ConfigError::new(path, "missing"));
+    };
+    let address: IpAddr = text.parse().map_err(|_| ConfigError::new(path, format!("'{text}' is not an IP address")))?;
+    let unusable = match address {
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Some("an IPv4-mapped IPv6 address (write the IPv4 address)"),
+        a if a.is_unspecified() => Some("the unspecified address"),
+        a if a.is_loopback() => Some("a loopback address"),
+        a if a.is_multicast() => Some("a multicast address"),
+        _ => None,
+    };
+    match unusable {
+        Some(kind) => {
+            Err(ConfigError::new(path, format!("'{text}' is {kind}; a {what} needs a routable unicast address")))
+        }
+        None => Ok(address),
+    }
+}
+
+fn family(address: IpAddr) -> &'static str {
+    if address.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A valid one-VIP config with `vip_extra` lines added to the VIP table and `backends`
+    /// as its backend array.
+    fn one_vip(vip_extra: &str, backends: &str) -> String {
+        format!(
+            "hash_seed = 7\n[[vip]]\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\n{vip_extra}\nbackends = {backends}\n"
+        )
+    }
+
+    fn two_backends() -> &'static str {
+        r#"[{ address = "10.1.0.1" }, { address = "10.1.0.2" }]"#
+    }
+
+    /// Asserts that `text` is refused at `path` with a message containing every one of `needles`.
+    fn refused(text: &str, path: &str, needles: &[&str]) -> ConfigError {
+        let err = Config::from_toml_str(text).expect_err("config should be refused");
+        assert_eq!(err.path, path, "wrong path in {err}");
+        for needle in needles {
+            assert!(err.message.contains(needle), "message of {err:?} lacks {needle:?}");
+        }
+        err
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let config = Config::from_toml_str(EXAMPLE_CONFIG).unwrap();
+        assert_eq!(config.hash_seed, 0x5eed);
+        assert_eq!(config.vips.len(), 3);
+        let web = &config.vips[0];
+        assert_eq!(web.address, "192.0.2.10".parse::<IpAddr>().unwrap());
+        assert_eq!((web.port, web.protocol, web.table_size), (80, Protocol::Tcp, 65_537));
+        let weights: Vec<u32> = web.backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [1, 1, 2]);
+        assert_eq!(web.backends[2].address, "10.1.0.3".parse::<IpAddr>().unwrap());
+        let dns = &config.vips[1];
+        assert_eq!((dns.port, dns.protocol, dns.table_size, dns.backends.len()), (53, Protocol::Udp, 1021, 2));
+        let https = &config.vips[2];
+        assert_eq!(https.address, "2001:db8::10".parse::<IpAddr>().unwrap());
+        assert_eq!((https.port, https.protocol, https.backends.len()), (443, Protocol::Tcp, 2));
+        assert_eq!(https.backends[1].address, "2001:db8:1::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn defaults_weight_one_and_default_table_size() {
+        let config = Config::from_toml_str(&one_vip("", two_backends())).unwrap();
+        let vip = &config.vips[0];
+        assert!(vip.backends.iter().all(|b| b.weight == 1));
+        assert_eq!(vip.table_size, maglev::default_table_size(2).unwrap());
+        assert_eq!(vip.table_size, 65_537);
+
+        // 656 backends need the next rung of the default ladder.
+        let many: Vec<String> =
+            (0..656).map(|j| format!("{{ address = \"10.1.{}.{}\" }}", j / 250, j % 250 + 1)).collect();
+        let config = Config::from_toml_str(&one_vip("", &format!("[{}]", many.join(", ")))).unwrap();
+        assert_eq!(config.vips[0].table_size, 131_071);
+    }
+
+    #[test]
+    fn explicit_values_are_kept() {
+        let text = one_vip(
+            "table_size = 1021",
+            r#"[{ address = "10.1.0.1", weight = 0 }, { address = "10.1.0.2", weight = 65535 }]"#,
+        );
+        let vip = &Config::from_toml_str(&text).unwrap().vips[0];
+        assert_eq!(vip.table_size, 1021);
+        assert_eq!(vip.backends[0].weight, 0);
+        assert_eq!(vip.backends[1].weight, 65_535);
+    }
+
+    #[test]
+    fn port_zero_and_other_ports_of_one_address_coexist() {
+        let text = format!(
+            "{}[[vip]]\naddress = \"192.0.2.10\"\nport = 0\nprotocol = \"tcp\"\nbackends = {}\n",
+            one_vip("", two_backends()),
+            two_backends()
+        );
+        let config = Config::from_toml_str(&text).unwrap();
+        assert_eq!(config.vips[1].port, 0);
+    }
+
+    #[test]
+    fn protocol_numbers_and_names() {
+        assert_eq!((Protocol::Tcp.number(), Protocol::Tcp.name()), (6, "tcp"));
+        assert_eq!((Protocol::Udp.number(), Protocol::Udp.name()), (17, "udp"));
+    }
+
+    #[test]
+    fn display_prefixes_the_path() {
+        let err = ConfigError::new("vip[2].port", "70000 is not a port (0 to 65535)");
+        assert_eq!(err.to_string(), "vip[2].port: 70000 is not a port (0 to 65535)");
+        assert_eq!(ConfigError::new("", "whole file").to_string(), "whole file");
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("ballast-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, EXAMPLE_CONFIG).unwrap();
+        assert_eq!(Config::load(&good).unwrap(), Config::from_toml_str(EXAMPLE_CONFIG).unwrap());
+        let bad = dir.join("lb.toml");
+        std::fs::write(&bad, one_vip("", "[]")).unwrap();
+        let message = Config::load(&bad).unwrap_err().to_string();
+        assert_eq!(message, format!("{}: vip[0].backends: empty; a VIP needs at least one backend", bad.display()));
+        let missing = dir.join("missing.toml");
+        assert!(format!("{:#}", Config::load(&missing).unwrap_err()).contains("missing.toml"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    // Unknown keys and TOML errors.
+
+    #[test]
+    fn unknown_top_level_key() {
+        // First: written after the [[vip]] table it would belong to the VIP.
+        let text = format!("hash_sed = 1\n{}", one_vip("", two_backends()));
+        let err = refused(&text, "", &["hash_sed", "line 1"]);
+        assert!(err.to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn unknown_key_inside_a_vip() {
+        let err = refused(&one_vip("tabel_size = 1021", two_backends()), "", &["tabel_size", "line 6"]);
+        assert!(err.message.contains("unknown field"));
+    }
+
+    #[test]
+    fn unknown_key_inside_a_backend() {
+        let err = refused(&one_vip("", r#"[{ address = "10.1.0.1", wieght = 2 }]"#), "", &["wieght", "line 7"]);
+        assert!(err.message.contains("unknown field"));
+    }
+
+    #[test]
+    fn misspelt_vip_table_is_an_unknown_key() {
+        let text = one_vip("", two_backends()).replace("[[vip]]", "[[vips]]");
+        refused(&text, "", &["vips"]);
+    }
+
+    #[test]
+    fn toml_syntax_error_keeps_line_and_column() {
+        refused("hash_seed = = 3\n", "", &["line 1", "column"]);
+    }
+
+    // hash_seed.
+
+    #[test]
+    fn missing_hash_seed() {
+        let text = one_vip("", two_backends()).replace("hash_seed = 7\n", "");
+        refused(&text, "hash_seed", &["missing"]);
+    }
+
+    #[test]
+    fn hash_seed_out_of_range() {
+        refused(&one_vip("", two_backends()).replace("= 7", "= 4294967296"), "hash_seed", &["4294967296", "u32"]);
+        refused(&one_vip("", two_backends()).replace("= 7", "= -1"), "hash_seed", &["-1"]);
+        let max = Config::from_toml_str(&one_vip("", two_backends()).replace("= 7", "= 0xffffffff")).unwrap();
+        assert_eq!(max.hash_seed, u32::MAX);
+    }
+
+    #[test]
+    fn hash_seed_of_the_wrong_type() {
+        refused(&one_vip("", two_backends()).replace("= 7", "= \"7\""), "", &["hash_seed"]);
+    }
+
+    #[test]
+    fn no_vip() {
+        refused("hash_seed = 1\n", "vip", &["[[vip]]"]);
+    }
+
+    // Addresses.
+
+    #[test]
+    fn vip_address_not_an_ip_address() {
+        let text = one_vip("", two_backends()).replace("192.0.2.10", "192.0.2.300");
+        refused(&text, "vip[0].address", &["'192.0.2.300'", "is not an IP address"]);
+    }
+
+    #[test]
+    fn backend_address_not_an_ip_address() {
+        let text = one_vip("", r#"[{ address = "10.1.0.1" }, { address = "10.1.0.300" }]"#);
+        refused(&text, "vip[0].backends[1].address", &["'10.1.0.300'", "is not an IP address"]);
+    }
+
+    #[test]
+    fn missing_addresses() {
+        let text = one_vip("", two_backends()).replace("address = \"192.0.2.10\"\n", "");
+        refused(&text, "vip[0].address", &["missing"]);
+        refused(&one_vip("", "[{ weight = 1 }]"), "vip[0].backends[0].address", &["missing"]);
+    }
+
+    #[test]
+    fn ipv6_backend_of_an_ipv4_vip() {
+        let text = format!(
+            "{}[[vip]]\naddress = \"192.0.2.11\"\nport = 80\nprotocol = \"tcp\"\nbackends = [{{ address = \"2001:db8::1\" }}]\n",
+            one_vip("", two_backends())
+        );
+        let err = refused(&text, "vip[1].backends[0].address", &["'2001:db8::1'"]);
+        assert_eq!(err.to_string(), "vip[1].backends[0].address: '2001:db8::1' is IPv6 but the VIP is IPv4");
+    }
+
+    #[test]
+    fn ipv4_backend_of_an_ipv6_vip() {
+        let text = one_vip("", two_backends()).replace("192.0.2.10", "2001:db8::10");
+        let err = refused(&text, "vip[0].backends[0].address", &["'10.1.0.1'"]);
+        assert_eq!(err.message, "'10.1.0.1' is IPv4 but the VIP is IPv6");
+    }
+
+    #[test]
+    fn unusable_vip_addresses() {
+        for (address, kind) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("ff02::1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:192.0.2.10", "IPv4-mapped"),
+        ] {
+            let backends = if address.contains(':') { r#"[{ address = "2001:db8:1::1" }]"# } else { two_backends() };
+            let text = one_vip("", backends).replace("192.0.2.10", address);
+            refused(&text, "vip[0].address", &[&format!("'{address}'"), kind]);
+        }
+    }
+
+    #[test]
+    fn unusable_backend_addresses() {
+        for (address, kind) in [
+            ("0.0.0.0", "unspecified"),
+            ("239.1.1.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.2", "loopback"),
+        ] {
+            let text = one_vip("", &format!(r#"[{{ address = "10.1.0.1" }}, {{ address = "{address}" }}]"#));
+            refused(&text, "vip[0].backends[1].address", &[&format!("'{address}'"), kind]);
+        }
+    }
+
+    // Port and protocol.
+
+    #[test]
+    fn port_out_of_range() {
+        refused(&one_vip("", two_backends()).replace("port = 80", "port = 70000"), "vip[0].port", &["70000"]);
+        refused(&one_vip("", two_backends()).replace("port = 80", "port = -1"), "vip[0].port", &["-1"]);
+        refused(&one_vip("", two_backends()).replace("port = 80\n", ""), "vip[0].port", &["missing"]);
+    }
+
+    #[test]
+    fn protocol_other_than_tcp_or_udp() {
+        let text = one_vip("", two_backends()).replace("\"tcp\"", "\"sctp\"");
+        let err = refused(&text, "vip[0].protocol", &["'sctp'"]);
+        assert_eq!(err.to_string(), "vip[0].protocol: 'sctp' is not tcp or udp");
+        refused(&one_vip("", two_backends()).replace("\"tcp\"", "\"TCP\""), "vip[0].protocol", &["'TCP'"]);
+        refused(&one_vip("", two_backends()).replace("protocol = \"tcp\"\n", ""), "vip[0].protocol", &["missing"]);
+    }
+
+    // Duplicates.
+
+    #[test]
+    fn duplicate_vip_names_the_first() {
+        let vip = |port: u16, protocol: &str| {
+            format!("[[vip]]\naddress = \"192.0.2.10\"\nport = {port}\nprotocol = \"{protocol}\"\nbackends = [{{ address = \"10.1.0.1\" }}]\n")
+        };
+        let text = format!("hash_seed = 1\n{}{}{}{}", vip(80, "tcp"), vip(80, "udp"), vip(81, "tcp"), vip(80, "udp"));
+        let err = refused(&text, "vip[3]", &["vip[1]"]);
+        assert_eq!(err.to_string(), "vip[3]: duplicates vip[1] (192.0.2.10:80/udp)");
+    }
+
+    #[test]
+    fn duplicate_ipv6_vip_in_another_spelling() {
+        let vip = |address: &str| {
+            format!("[[vip]]\naddress = \"{address}\"\nport = 443\nprotocol = \"tcp\"\nbackends = [{{ address = \"2001:db8:1::1\" }}]\n")
+        };
+        let text = format!("hash_seed = 1\n{}{}", vip("2001:db8::10"), vip("2001:0DB8:0:0::0010"));
+        let err = refused(&text, "vip[1]", &["vip[0]"]);
+        assert_eq!(err.message, "duplicates vip[0] ([2001:db8::10]:443/tcp)");
+    }
+
+    #[test]
+    fn duplicate_backend_address() {
+        let text = one_vip(
+            "",
+            r#"[{ address = "10.1.0.1" }, { address = "10.1.0.2" }, { address = "10.1.0.1", weight = 3 }]"#,
+        );
+        refused(&text, "vip[0].backends[2].address", &["'10.1.0.1'", "backends[0]"]);
+    }
+
+    #[test]
+    fn same_backend_in_two_vips_is_fine() {
+        let text = format!(
+            "{}[[vip]]\naddress = \"192.0.2.10\"\nport = 81\nprotocol = \"tcp\"\nbackends = {}\n",
+            one_vip("", two_backends()),
+            two_backends()
+        );
+        assert_eq!(Config::from_toml_str(&text).unwrap().vips.len(), 2);
+    }
+
+    // Backends and weights.
+
+    #[test]
+    fn empty_backend_set() {
+        refused(&one_vip("", "[]"), "vip[0].backends", &["empty"]);
+        let text = one_vip("", two_backends()).replace(&format!("backends = {}\n", two_backends()), "");
+        refused(&text, "vip[0].backends", &["missing"]);
+    }
+
+    #[test]
+    fn every_weight_zero() {
+        let text = one_vip("", r#"[{ address = "10.1.0.1", weight = 0 }, { address = "10.1.0.2", weight = 0 }]"#);
+        let err = refused(&text, "vip[0].backends", &[]);
+        assert_eq!(err.to_string(), "vip[0].backends: every weight is 0; at least one backend needs a positive weight");
+    }
+
+    #[test]
+    fn weight_out_of_range() {
+        let text = one_vip("", r#"[{ address = "10.1.0.1" }, { address = "10.1.0.2", weight = 65536 }]"#);
+        refused(&text, "vip[0].backends[1].weight", &["65536", "65535"]);
+        let text = one_vip("", r#"[{ address = "10.1.0.1", weight = -2 }]"#);
+        refused(&text, "vip[0].backends[0].weight", &["-2"]);
+    }
+
+    // Table size.
+
+    #[test]
+    fn table_size_not_prime() {
+        refused(&one_vip("table_size = 65536", two_backends()), "vip[0].table_size", &["65536", "not prime"]);
+    }
+
+    #[test]
+    fn table_size_below_the_minimum() {
+        // 199 is prime but two backends need 200 entries.
+        refused(&one_vip("table_size = 199", two_backends()), "vip[0].table_size", &["199", "200"]);
+        refused(&one_vip("table_size = 0", two_backends()), "vip[0].table_size", &["0 is below 200"]);
+        refused(&one_vip("table_size = -5", two_backends()), "vip[0].table_size", &["-5"]);
+        // 211 is the smallest prime allowed for two backends.
+        assert_eq!(
+            Config::from_toml_str(&one_vip("table_size = 211", two_backends())).unwrap().vips[0].table_size,
+            211
+        );
+    }
+
+    #[test]
+    fn table_size_above_the_generation_limit() {
+        // 67108879 is the first prime above MAX_TABLE_ENTRIES.
+        assert!(maglev::is_prime(67_108_879));
+        let err = refused(&one_vip("table_size = 67108879", two_backends()), "vip[0].table_size", &["67108879"]);
+        assert!(err.message.contains(&MAX_TABLE_ENTRIES.to_string()));
+        refused(&one_vip("table_size = 9999999999", two_backends()), "vip[0].table_size", &["9999999999"]);
+    }
+
+    #[test]
+    fn no_default_table_size() {
+        // Past the default ladder (83886 backends) and under MAX_BACKENDS cannot both hold in one
+        // config, so exercise the helper directly.
+        let err = table_size("vip[0].table_size", None, 100_000).unwrap_err();
+        assert_eq!(err.path, "vip[0].table_size");
+        assert!(err.message.contains("100000 backends") && err.message.contains("set table_size"), "{err}");
+        assert!(err.message.contains("10000000"), "{err}");
+    }
+
+    // Generation limits.
+
+    /// A config of `count` one-backend VIPs on distinct ports, each with `table_size`.
+    fn many_vips(count: usize, table_size: u32) -> String {
+        let mut text = String::from("hash_seed = 1\n");
+        for i in 0..count {
+            text.push_str(&format!(
+                "[[vip]]\naddress = \"192.0.2.10\"\nport = {}\nprotocol = \"tcp\"\ntable_size = {table_size}\nbackends = [{{ address = \"10.1.0.1\" }}]\n",
+                i + 1
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn too_many_vips() {
+        assert_eq!(Config::from_toml_str(&many_vips(MAX_VIPS as usize, 101)).unwrap().vips.len(), MAX_VIPS as usize);
+        let err = refused(&many_vips(MAX_VIPS as usize + 1, 101), "", &["4097", "4096", "MAX_VIPS"]);
+        assert!(err.message.starts_with("4097 VIPs"), "{err}");
+    }
+
+    #[test]
+    fn too_many_backends() {
+        // Two VIPs of 8193 backends each: 16386 in all.
+        let backends: Vec<String> =
+            (0..8193).map(|j| format!("{{ address = \"10.1.{}.{}\" }}", j / 250, j % 250 + 1)).collect();
+        let backends = format!("[{}]", backends.join(", "));
+        let text = format!(
+            "{}[[vip]]\naddress = \"192.0.2.10\"\nport = 81\nprotocol = \"tcp\"\nbackends = {backends}\n",
+            one_vip("", &backends)
+        );
+        refused(&text, "", &["16386", "16384", "MAX_BACKENDS"]);
+    }
+
+    #[test]
+    fn too_many_table_entries() {
+        // 7 x 8388617 = 58720319 fits in MAX_TABLE_ENTRIES; 8 x 8388617 = 67108936 does not.
+        assert_eq!(Config::from_toml_str(&many_vips(7, 8_388_617)).unwrap().vips.len(), 7);
+        refused(&many_vips(8, 8_388_617), "", &["67108936", "67108864", "MAX_TABLE_ENTRIES"]);
+        // With default sizes, 1024 VIPs are already too many.
+        refused(&many_vips(1024, 65_537), "", &["67109888", "MAX_TABLE_ENTRIES"]);
+    }
+
+    // Canonical JSON.
+
+    #[test]
+    fn canonical_json_is_order_independent() {
+        let a = Config::from_toml_str(EXAMPLE_CONFIG).unwrap();
+        let mut b = a.clone();
+        b.vips.reverse();
+        for vip in &mut b.vips {
+            vip.backends.reverse();
+        }
+        assert_ne!(a, b);
+        assert_eq!(a.to_canonical_json(), b.to_canonical_json());
+
+        // The same from text: VIPs and backends written in another order, defaults spelt out.
+        let reordered = r#"
+            hash_seed = 24301
+            [[vip]]
+            address = "2001:db8::10"
+            port = 443
+            protocol = "tcp"
+            table_size = 65537
+            backends = [{ address = "2001:db8:1::2", weight = 1 }, { address = "2001:db8:1::1" }]
+            [[vip]]
+            address = "192.0.2.10"
+            port = 53
+            protocol = "udp"
+            table_size = 1021
+            backends = [{ address = "10.2.0.2" }, { address = "10.2.0.1" }]
+            [[vip]]
+            address = "192.0.2.10"
+            port = 80
+            protocol = "tcp"
+            backends = [{ address = "10.1.0.3", weight = 2 }, { address = "10.1.0.2" }, { address = "10.1.0.1" }]
+        "#;
+        assert_eq!(Config::from_toml_str(reordered).unwrap().to_canonical_json(), a.to_canonical_json());
+    }
+
+    #[test]
+    fn canonical_json_changes_with_any_field() {
+        let a = Config::from_toml_str(EXAMPLE_CONFIG).unwrap();
+        let canonical = a.to_canonical_json();
+        let mut b = a.clone();
+        b.vips[0].backends[2].weight = 3;
+        assert_ne!(b.to_canonical_json(), canonical);
+        let mut c = a.clone();
+        c.hash_seed += 1;
+        assert_ne!(c.to_canonical_json(), canonical);
+        let mut d = a.clone();
+        d.vips[1].table_size = 1031;
+        assert_ne!(d.to_canonical_json(), canonical);
+    }
+
+    #[test]
+    fn canonical_json_form() {
+        let config =
+            Config::from_toml_str(&one_vip("", r#"[{ address = "10.1.0.2", weight = 3 }, { address = "10.1.0.1" }]"#))
+                .unwrap();
+        assert_eq!(
+            config.to_canonical_json(),
+            r#"{"hash_seed":7,"vips":[{"address":"192.0.2.10","backends":[{"address":"10.1.0.1","weight":1},{"address":"10.1.0.2","weight":3}],"port":80,"protocol":"tcp","table_size":65537}]}"#
+        );
+        // IPv4 VIPs sort before IPv6 ones, then by address, port and protocol.
+        let order: Vec<(String, u64, String)> = {
+            let json: serde_json::Value =
+                serde_json::from_str(&Config::from_toml_str(EXAMPLE_CONFIG).unwrap().to_canonical_json()).unwrap();
+            json["vips"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    (
+                        v["address"].as_str().unwrap().to_owned(),
+                        v["port"].as_u64().unwrap(),
+                        v["protocol"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            order,
+            [
+                ("192.0.2.10".to_owned(), 53, "udp".to_owned()),
+                ("192.0.2.10".to_owned(), 80, "tcp".to_owned()),
+                ("2001:db8::10".to_owned(), 443, "tcp".to_owned()),
+            ]
+        );
+    }
+}

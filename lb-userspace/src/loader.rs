@@ -1,0 +1,252 @@
+//! Turns a [`Generation`] into kernel objects, in the order the kernel needs: create the maps
+//! (config maps read-only for programs), fill them, load and verify the program, freeze the
+//! config maps, and only then attach. `.rodata` globals carry the generation's constants and
+//! the host parameters, so the verifier prunes what this generation cannot do.
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context as _};
+use aya::{
+    maps::{Map, MapData, PerCpuArray},
+    programs::{links::FdLink, TestRun, TestRunOptions, Xdp, XdpMode},
+    Ebpf, EbpfLoader, Pod,
+};
+use lb_common::maps::{
+    globals, Counter, MaglevChunk, CONFIG_MAPS, COUNTER_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_BACKEND_COUNTERS,
+    MAP_MAGLEV, MAP_REASON_COUNTERS, MAP_VIPS, MAP_VIP_COUNTERS, REASON_COUNT,
+};
+
+use crate::{generation::Generation, kernel};
+
+/// The XDP program, compiled by build.rs.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+pub const PROGRAM_NAME: &str = "ballast";
+
+/// Facts of the host a generation runs on; not part of the generation itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostParams {
+    pub gateway_mac: [u8; 6],
+    pub iface_mac: [u8; 6],
+    /// Fixed outer sources; None means a synthetic source derived from the flow.
+    pub source_v4: Option<Ipv4Addr>,
+    pub source_v6: Option<Ipv6Addr>,
+    /// Largest IP packet the interface sends, outer header included.
+    pub mtu: u32,
+}
+
+pub struct LoadedGeneration {
+    ebpf: Ebpf,
+}
+
+/// What the verifier reports about a loaded program.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct VerifierStats {
+    pub verified_instructions: Option<u32>,
+    pub xlated_instructions: Option<u32>,
+}
+
+impl LoadedGeneration {
+    /// Creates, fills, loads and freezes; nothing is attached. With `counter_pins`, the
+    /// counter maps are pinned there (or the ones already pinned are reused).
+    pub fn load(generation: &Generation, host: &HostParams, counter_pins: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_with_constants(generation, host, counter_pins, &Constants::of(generation))
+    }
+
+    /// Like [`Self::load`] but with the verifier's view of the generation's constants given
+    /// explicitly: measuring what the `.rodata` pruning saves needs the unpruned program too.
+    pub fn load_with_constants(
+        generation: &Generation,
+        host: &HostParams,
+        counter_pins: Option<&Path>,
+        constants: &Constants,
+    ) -> anyhow::Result<Self> {
+        let source_v4 = host.source_v4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0);
+        let source_v6: [u32; 4] =
+            host.source_v6.map(|a| crate::generation::addr_words(a.into())).unwrap_or([0; 4]);
+        let chunks = maglev_chunks(&generation.maglev);
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(globals::HASH_SEED, &generation.hash_seed, true)
+            .override_global(globals::HAS_IPV4, &constants.has_ipv4, true)
+            .override_global(globals::HAS_IPV6, &constants.has_ipv6, true)
+            .override_global(globals::HAS_ANY_PORT, &constants.has_any_port, true)
+            .override_global(globals::GATEWAY_MAC, &host.gateway_mac, true)
+            .override_global(globals::IFACE_MAC, &host.iface_mac, true)
+            .override_global(globals::OUTER_SOURCE_V4, &source_v4, true)
+            .override_global(globals::OUTER_SOURCE_V6, &source_v6, true)
+            .override_global(globals::MTU, &host.mtu, true)
+            .map_max_entries(MAP_VIPS, entries(generation.vip_entries.len())?)
+            .map_max_entries(MAP_BACKENDS, entries(generation.backends.len())?)
+            .map_max_entries(MAP_MAGLEV, entries(chunks.len())?);
+        if let Some(dir) = counter_pins {
+            for name in COUNTER_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).context("creating the generation's maps")?;
+
+        let vip_keys: Vec<_> = generation.vip_entries.keys().copied().collect();
+        let vip_values: Vec<_> = generation.vip_entries.values().copied().collect();
+        fill(&ebpf, MAP_VIPS, &vip_keys, &vip_values)?;
+        fill(&ebpf, MAP_BACKENDS, &indices(generation.backends.len())?, &generation.backends)?;
+        fill(&ebpf, MAP_MAGLEV, &indices(chunks.len())?, &chunks)?;
+
+        let program = xdp_mut(&mut ebpf)?;
+        program.load().context("loading the XDP program (verifier)")?;
+        for name in CONFIG_MAPS {
+            kernel::freeze_map(map_fd(&ebpf, name)?).with_context(|| format!("freezing map {name}"))?;
+        }
+        Ok(LoadedGeneration { ebpf })
+    }
+
+    pub fn program(&self) -> anyhow::Result<&Xdp> {
+        let program = self.ebpf.program(PROGRAM_NAME).ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?;
+        program.try_into().context("program is not XDP")
+    }
+
+    pub fn verifier_stats(&self) -> anyhow::Result<VerifierStats> {
+        let info = self.program()?.info().context("program info")?;
+        Ok(VerifierStats {
+            verified_instructions: info.verified_instruction_count(),
+            xlated_instructions: info.size_translated().map(|bytes| bytes / 8),
+        })
+    }
+
+    /// Runs the program once on `frame` through BPF_PROG_TEST_RUN: (XDP action, output frame).
+    pub fn test_run(&self, frame: &[u8]) -> anyhow::Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .program()?
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Attaches to the interface with that index (in the calling thread's network namespace)
+    /// through a bpf_link, which the caller pins to keep it.
+    pub fn attach(&mut self, if_index: u32, mode: XdpMode) -> anyhow::Result<FdLink> {
+        let program = xdp_mut(&mut self.ebpf)?;
+        let id = program.attach_to_if_index(if_index, mode).context("attaching the XDP program")?;
+        let link = program.take_link(id)?;
+        FdLink::try_from(link).map_err(|_| anyhow!("the kernel attached through netlink, not a bpf_link: too old for ballast"))
+    }
+
+    pub fn map(&self, name: &str) -> anyhow::Result<&Map> {
+        self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the program"))
+    }
+
+    pub fn counters(&self) -> anyhow::Result<CounterSnapshot> {
+        CounterSnapshot::read(|name| self.map(name))
+    }
+}
+
+/// The `.rodata` constants that let the verifier prune paths.
+#[derive(Clone, Copy, Debug)]
+pub struct Constants {
+    pub has_ipv4: u8,
+    pub has_ipv6: u8,
+    pub has_any_port: u8,
+}
+
+impl Constants {
+    pub fn of(generation: &Generation) -> Constants {
+        Constants {
+            has_ipv4: generation.has_ipv4.into(),
+            has_ipv6: generation.has_ipv6.into(),
+            has_any_port: generation.has_any_port.into(),
+        }
+    }
+
+    /// Every path kept: what the verifier sees without per-generation constants.
+    pub const ALL_PATHS: Constants = Constants { has_ipv4: 1, has_ipv6: 1, has_any_port: 1 };
+}
+
+fn maglev_chunks(entries: &[u32]) -> Vec<MaglevChunk> {
+    entries
+        .chunks(MAGLEV_CHUNK_LEN)
+        .map(|c| {
+            let mut chunk = [0u32; MAGLEV_CHUNK_LEN];
+            chunk[..c.len()].copy_from_slice(c);
+            chunk
+        })
+        .collect()
+}
+
+/// max_entries for a map of `n` entries (the kernel refuses 0).
+fn entries(n: usize) -> anyhow::Result<u32> {
+    u32::try_from(n.max(1)).context("map too large")
+}
+
+fn indices(n: usize) -> anyhow::Result<Vec<u32>> {
+    Ok((0..entries(n)?).take(n).collect())
+}
+
+fn xdp_mut(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+    let program = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?;
+    program.try_into().context("program is not XDP")
+}
+
+pub fn map_data(map: &Map) -> anyhow::Result<&MapData> {
+    match map {
+        Map::HashMap(data) | Map::Array(data) | Map::PerCpuArray(data) => Ok(data),
+        _ => bail!("unexpected map type (ballast uses hash, array and per-CPU array maps)"),
+    }
+}
+
+fn map_fd<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<BorrowedFd<'a>> {
+    let map = ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the program"))?;
+    Ok(map_data(map)?.fd().as_fd())
+}
+
+/// Writes all entries with one BPF_MAP_UPDATE_BATCH (a table of 65537 entries would take
+/// thousands of single updates).
+fn fill<K: Pod, V: Pod>(ebpf: &Ebpf, name: &str, keys: &[K], values: &[V]) -> anyhow::Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    kernel::update_batch(map_fd(ebpf, name)?, keys, values).with_context(|| format!("filling map {name}"))
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CounterSnapshot {
+    pub vips: Vec<Counter>,
+    pub backends: Vec<Counter>,
+    pub reasons: Vec<u64>,
+}
+
+impl CounterSnapshot {
+    /// Reads the counter maps found by `lookup` (a loaded program's, or pinned ones).
+    pub fn read<'a>(lookup: impl Fn(&str) -> anyhow::Result<&'a Map>) -> anyhow::Result<Self> {
+        Ok(CounterSnapshot {
+            vips: sum_counters(lookup(MAP_VIP_COUNTERS)?)?,
+            backends: sum_counters(lookup(MAP_BACKEND_COUNTERS)?)?,
+            reasons: sum_per_cpu::<u64>(lookup(MAP_REASON_COUNTERS)?, REASON_COUNT)?,
+        })
+    }
+}
+
+fn sum_counters(map: &Map) -> anyhow::Result<Vec<Counter>> {
+    let array = PerCpuArray::<_, Counter>::try_from(map)?;
+    (0..array.len())
+        .map(|i| {
+            let per_cpu = array.get(&i, 0)?;
+            Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
+        })
+        .collect()
+}
+
+fn sum_per_cpu<T: Pod + Into<u64>>(map: &Map, len: u32) -> anyhow::Result<Vec<u64>> {
+    let array = PerCpuArray::<_, T>::try_from(map)?;
+    (0..len).map(|i| Ok(array.get(&i, 0)?.iter().map(|v| (*v).into()).sum())).collect()
+}
+
+/// Raw fd of a map, for callers that hold aya maps.
+pub fn raw_fd(map: &Map) -> anyhow::Result<i32> {
+    Ok(map_data(map)?.fd().as_fd().as_raw_fd())
+}

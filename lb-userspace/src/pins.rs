@@ -1,0 +1,59 @@
+//! Where a generation's pins live in bpffs: /sys/fs/bpf/ballast/IF/ for the host's network
+//! namespace and /sys/fs/bpf/ballast/netns-INODE/IF/ for others, so namespaces that reuse
+//! interface names never collide. The pinned link keeps the program (and through it the
+//! frozen config maps) attached after the command exits; counters are pinned beside it.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+
+use crate::{kernel, netns};
+
+pub const BPFFS: &str = "/sys/fs/bpf";
+pub const LINK_PIN: &str = "link";
+
+/// Makes sure the host's bpffs is at /sys/fs/bpf: mounts it if this is the host's mount
+/// namespace, refuses otherwise (a pin in a private bpffs would vanish with the command,
+/// and the generation with it).
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let root = Path::new(BPFFS);
+    if kernel::is_bpffs(root)? {
+        return Ok(());
+    }
+    if !netns::in_host_mount_namespace()? {
+        bail!(
+            "{BPFFS} is not the host's bpf filesystem: this command runs in a private mount namespace \
+             (as under `ip netns exec`), where pins would vanish when it exits. Run ballast from the host \
+             with --netns NAME instead"
+        );
+    }
+    kernel::mount_bpffs(root)
+}
+
+/// The pin directory of `iface` in the calling thread's network namespace.
+pub fn pin_dir(iface: &str) -> anyhow::Result<PathBuf> {
+    if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
+        bail!("'{iface}' is not a valid interface name");
+    }
+    let mut dir = PathBuf::from(BPFFS).join("ballast");
+    if let Some(ns) = netns::current_namespace_id()? {
+        dir.push(format!("netns-{ns}"));
+    }
+    dir.push(iface);
+    Ok(dir)
+}
+
+pub fn link_pin(dir: &Path) -> PathBuf {
+    dir.join(LINK_PIN)
+}
+
+/// Removes a pin directory and everything pinned in it (bpffs holds no other files).
+pub fn remove_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
