@@ -201,3 +201,51 @@ mod tests {
         }
     }
 }
+
+/// The backend-side decapsulator's maps: the local addresses it decapsulates for (config,
+/// frozen) and its per-reason counters.
+pub const MAP_DECAP_ADDRESSES: &str = "DECAP_ADDRESSES";
+pub const MAP_DECAP_COUNTERS: &str = "DECAP_COUNTERS";
+pub const MAX_DECAP_ADDRESSES: u32 = 256;
+
+/// Key of DECAP_ADDRESSES: a local address in network order (IPv4 in word 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct DecapKey {
+    pub addr: [u32; 4],
+    pub family: u32,
+}
+
+/// What the decapsulator did with a packet; every verdict is `XDP_PASS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapReason {
+    /// IPIP / IP6IP6 to a local address: outer header removed, inner packet passed.
+    Decapsulated = 0,
+    /// Not IPIP / IP6IP6: passed untouched.
+    PassNotEncapsulated = 1,
+    /// Encapsulated, but to an address that is not ours: passed untouched.
+    PassNotLocal = 2,
+    /// Too short, IPv4 options or a fragment in the outer header: passed untouched.
+    PassMalformed = 3,
+}
+
+pub const DECAP_REASON_COUNT: u32 = 4;
+
+impl DecapReason {
+    pub const ALL: [DecapReason; DECAP_REASON_COUNT as usize] =
+        [DecapReason::Decapsulated, DecapReason::PassNotEncapsulated, DecapReason::PassNotLocal, DecapReason::PassMalformed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DecapReason::Decapsulated => "decapsulated",
+            DecapReason::PassNotEncapsulated => "pass_not_encapsulated",
+            DecapReason::PassNotLocal => "pass_not_local",
+            DecapReason::PassMalformed => "pass_malformed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), no padding.
+unsafe impl aya::Pod for DecapKey {}

@@ -3,10 +3,9 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::wire::{EthHdr, VlanHdr, ETH_HEADER_LEN};
 
-use crate::{
-    maps::{GATEWAY_MAC, IFACE_MAC},
-    parse::{ptr_at, L2},
-};
+use lb_ebpf::parse::{ptr_at, L2};
+
+use crate::maps::{GATEWAY_MAC, IFACE_MAC};
 
 /// Prepends `outer` between the link layer and the IP packet. False if the kernel refused the
 /// headroom or the new frame fails the bounds check.

@@ -6,7 +6,6 @@
 
 mod encap;
 mod maps;
-mod parse;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
@@ -25,8 +24,8 @@ use crate::{
         count, count_reason, find_vip, is_vip_address, pick_backend, BACKEND_COUNTERS, HASH_SEED, HAS_IPV4, HAS_IPV6,
         MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
     },
-    parse::{frame_len, has_bytes, parse_l2, read_at, L2},
 };
+use lb_ebpf::parse::{frame_len, has_bytes, parse_l2, read_at, L2};
 
 #[xdp]
 pub fn ballast(ctx: XdpContext) -> u32 {

@@ -1,7 +1,11 @@
 //! ballast: an immutable eBPF/XDP layer-4 load balancer (user space).
 pub mod config;
+pub mod decap;
 pub mod generation;
 pub mod kernel;
 pub mod loader;
 pub mod netns;
 pub mod pins;
+pub mod attach;
+pub mod demo;
+pub mod status;

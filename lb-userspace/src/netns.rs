@@ -21,18 +21,26 @@ pub fn enter(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The inode of the calling thread's network namespace, or None when it is the host's
-/// (the one of PID 1).
-pub fn current_namespace_id() -> anyhow::Result<Option<u64>> {
-    let own = std::fs::metadata("/proc/thread-self/ns/net").context("reading /proc/thread-self/ns/net")?.ino();
-    let host = std::fs::metadata("/proc/1/ns/net").context("reading /proc/1/ns/net")?.ino();
-    Ok((own != host).then_some(own))
+/// The inode of the host's namespace of `kind` ("net", "mnt"): PID 1's, or where a sandbox
+/// hides PID 1's links, kthreadd's (PID 2), which always lives in the initial namespaces.
+fn host_namespace(kind: &str) -> anyhow::Result<u64> {
+    let pid1 = std::fs::metadata(format!("/proc/1/ns/{kind}"));
+    let found = pid1.or_else(|_| std::fs::metadata(format!("/proc/2/ns/{kind}")));
+    Ok(found.with_context(|| format!("reading the host's {kind} namespace (/proc/1/ns/{kind}, /proc/2/ns/{kind})"))?.ino())
 }
 
-/// Whether this process shares PID 1's mount namespace (false under `ip netns exec`,
+fn own_namespace(link: &str) -> anyhow::Result<u64> {
+    Ok(std::fs::metadata(link).with_context(|| format!("reading {link}"))?.ino())
+}
+
+/// The inode of the calling thread's network namespace, or None when it is the host's.
+pub fn current_namespace_id() -> anyhow::Result<Option<u64>> {
+    let own = own_namespace("/proc/thread-self/ns/net")?;
+    Ok((own != host_namespace("net")?).then_some(own))
+}
+
+/// Whether this process shares the host's mount namespace (false under `ip netns exec`,
 /// which gives the command a private /sys).
 pub fn in_host_mount_namespace() -> anyhow::Result<bool> {
-    let own = std::fs::metadata("/proc/self/ns/mnt").context("reading /proc/self/ns/mnt")?.ino();
-    let host = std::fs::metadata("/proc/1/ns/mnt").context("reading /proc/1/ns/mnt")?.ino();
-    Ok(own == host)
+    Ok(own_namespace("/proc/self/ns/mnt")? == host_namespace("mnt")?)
 }

@@ -46,14 +46,22 @@ pub fn link_pin(dir: &Path) -> PathBuf {
     dir.join(LINK_PIN)
 }
 
-/// Removes a pin directory and everything pinned in it (bpffs holds no other files).
-pub fn remove_dir(dir: &Path) -> anyhow::Result<()> {
-    if !dir.exists() {
-        return Ok(());
+/// Unpins `pins` (those that exist), then removes the directory, and its network
+/// namespace's directory, if nothing else is left in them.
+pub fn remove_pins(dir: &Path, pins: &[PathBuf]) -> anyhow::Result<()> {
+    for pin in pins.iter().filter(|p| p.exists()) {
+        std::fs::remove_file(pin).with_context(|| format!("unpinning {}", pin.display()))?;
     }
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+    // remove_dir fails on a directory that still holds pins: that is the "still in use" case.
+    if std::fs::remove_dir(dir).is_ok() {
+        if let Some(parent) = dir.parent().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("netns-"))) {
+            let _still_in_use = std::fs::remove_dir(parent);
+        }
     }
-    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+    Ok(())
+}
+
+/// The pins of a load balancer generation in `dir`: its link and its counters.
+pub fn generation_pins(dir: &Path) -> Vec<PathBuf> {
+    std::iter::once(link_pin(dir)).chain(lb_common::maps::COUNTER_MAPS.iter().map(|m| dir.join(m))).collect()
 }
