@@ -33,7 +33,13 @@ pub mod globals {
     pub const OUTER_SOURCE_V6: &str = "OUTER_SOURCE_V6";
     /// u32: the interface MTU (largest IP packet, outer header included).
     pub const MTU: &str = "MTU";
+    /// [u8; 48]: GENERATION_ID_MAGIC then the generation's SHA-256 digest, so the digest of
+    /// what runs can be read back from the kernel (the program's frozen .rodata).
+    pub const GENERATION_ID: &str = "GENERATION_ID";
 }
+
+pub const GENERATION_ID_MAGIC: [u8; 16] = *b"ballast-gen-id:\0";
+pub const GENERATION_ID_LEN: usize = 48;
 
 /// Largest generation the loader accepts.
 pub const MAX_VIPS: u32 = 4096;

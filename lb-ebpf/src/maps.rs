@@ -41,6 +41,9 @@ pub static OUTER_SOURCE_V4: Global<u32> = Global::new(0);
 pub static OUTER_SOURCE_V6: Global<[u32; 4]> = Global::new([0; 4]);
 #[unsafe(no_mangle)]
 pub static MTU: Global<u32> = Global::new(1500);
+/// Never read by the program: there for user space to read back from the kernel.
+#[unsafe(no_mangle)]
+pub static GENERATION_ID: Global<[u8; lb_common::maps::GENERATION_ID_LEN]> = Global::new([0; lb_common::maps::GENERATION_ID_LEN]);
 
 #[inline(always)]
 pub fn count(counters: &PerCpuArray<Counter>, index: u32, bytes: u64) {

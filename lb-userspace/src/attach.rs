@@ -10,11 +10,12 @@ use anyhow::{bail, Context as _};
 use aya::programs::XdpMode;
 
 use crate::{
-    config::Config,
-    generation::Generation,
+    artifact::{load_generation_file, Artifact},
+    generations::{audit, recover, Target},
     kernel,
     loader::{HostParams, LoadedGeneration},
-    netns, pins,
+    netns, pins, preflight,
+    state::{HostRecord, IfaceRecord, StateDir},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -35,7 +36,8 @@ impl AttachMode {
 }
 
 pub struct AttachRequest {
-    pub config: PathBuf,
+    /// A TOML config or a generation artifact.
+    pub generation: PathBuf,
     pub iface: String,
     pub gateway_mac: String,
     pub sources: Vec<IpAddr>,
@@ -44,8 +46,10 @@ pub struct AttachRequest {
 
 pub struct Attached {
     pub pin_dir: PathBuf,
+    pub digest: String,
     pub vips: usize,
     pub backends: usize,
+    pub preflight_packets: usize,
 }
 
 /// At most one fixed outer source per family.
@@ -64,53 +68,71 @@ pub fn split_sources(sources: &[IpAddr]) -> anyhow::Result<(Option<Ipv4Addr>, Op
     Ok((v4, v6))
 }
 
-/// Attaches a new generation built from the config; refuses if one already runs there.
-/// The caller has entered the target network namespace.
-pub fn attach(request: &AttachRequest) -> anyhow::Result<Attached> {
-    let config = Config::load(&request.config)?;
-    let generation = Generation::build(&config)?;
+/// Attaches a new generation; refuses if one already runs there. The caller has entered
+/// the target network namespace. Everything that can be refused is refused before the
+/// kernel is touched; from the first pin on, a failure removes what this command pinned.
+pub fn attach(state: &StateDir, request: &AttachRequest) -> anyhow::Result<Attached> {
+    let artifact = load_generation_file(&request.generation)?;
     let gateway_mac = kernel::parse_mac(&request.gateway_mac).context("--gateway-mac")?;
     let (source_v4, source_v6) = split_sources(&request.sources)?;
     pins::ensure_bpffs()?;
     let iface = kernel::interface_info(&request.iface).context("--iface")?;
+    let target = Target::new(&request.iface)?;
+    let _lock = state.lock(&target.key)?;
+    recover(state, &target)?;
     let dir = pins::pin_dir(&request.iface)?;
-    let link_pin = pins::link_pin(&dir);
     if dir.join(crate::decap::LINK_PIN).exists() {
         bail!("the ballast decapsulator runs on {}; `ballast decap detach --iface {}` first", request.iface, request.iface);
     }
+    let link_pin = pins::link_pin(&dir);
     if link_pin.exists() {
         bail!(
-            "a generation already runs on {} (pinned at {}); replacing it is `ballast swap` (issue B), \
-             removing it is `ballast detach --iface {}`",
+            "a generation already runs on {} (pinned at {}); replace it with `ballast swap`, remove it with `ballast detach --iface {}`",
             request.iface,
             link_pin.display(),
             request.iface
         );
     }
     let host = HostParams { gateway_mac, iface_mac: iface.mac, source_v4, source_v6, mtu: iface.mtu };
+    let preflight_packets = preflight::preflight(&artifact, &host)?;
+    let mut record = IfaceRecord {
+        current: None,
+        previous: Vec::new(),
+        host: HostRecord::of(&host),
+        pending: Some(artifact.digest_string()),
+    };
+    state.store(&artifact)?;
+    state.write_record(&target.key, &record)?;
     let created_dir = !dir.exists();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = load_and_attach(&generation, &host, &dir, iface.index, request.mode);
+    let result = std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating {}", dir.display()))
+        .and_then(|()| load_and_attach(&artifact, &host, &dir, iface.index, request.mode));
     if let Err(err) = result {
+        let mut err = err;
         // Leave nothing behind: counters pinned by this attempt go with it.
         if created_dir {
             if let Err(cleanup) = pins::remove_pins(&dir, &pins::generation_pins(&dir)) {
-                return Err(err.context(format!("and cleaning up {} failed: {cleanup:#}", dir.display())));
+                err = err.context(format!("and cleaning up {} failed: {cleanup:#}", dir.display()));
             }
         }
+        state.remove_record(&target.key)?;
+        audit(state, &target, "attach", None, Some(artifact.digest_string()), Some(&record), Some(&err))?;
         return Err(err);
     }
-    Ok(Attached { pin_dir: dir, vips: generation.vip_count(), backends: generation.backends.len() })
+    record.current = record.pending.take();
+    state.write_record(&target.key, &record)?;
+    audit(state, &target, "attach", None, record.current.clone(), Some(&record), None)?;
+    Ok(Attached {
+        pin_dir: dir,
+        digest: artifact.digest_string(),
+        vips: artifact.generation.vip_count(),
+        backends: artifact.generation.backends.len(),
+        preflight_packets,
+    })
 }
 
-fn load_and_attach(
-    generation: &Generation,
-    host: &HostParams,
-    dir: &Path,
-    if_index: u32,
-    mode: AttachMode,
-) -> anyhow::Result<()> {
-    let mut loaded = LoadedGeneration::load(generation, host, Some(dir))?;
+fn load_and_attach(artifact: &Artifact, host: &HostParams, dir: &Path, if_index: u32, mode: AttachMode) -> anyhow::Result<()> {
+    let mut loaded = LoadedGeneration::load_artifact(artifact, host, Some(dir))?;
     let link = loaded.attach(if_index, mode.xdp_mode())?;
     // The pin is what keeps the link, and so the program, alive after this process exits.
     link.pin(pins::link_pin(dir)).context("pinning the XDP link")?;
@@ -119,13 +141,21 @@ fn load_and_attach(
 
 /// Detaches the generation running on `iface` (in the current network namespace) by
 /// removing its pins: the link goes with its last reference, the program and maps with it.
-pub fn detach(iface: &str) -> anyhow::Result<PathBuf> {
+pub fn detach(state: &StateDir, iface: &str) -> anyhow::Result<PathBuf> {
     pins::ensure_bpffs()?;
+    let target = Target::new(iface)?;
+    let _lock = state.lock(&target.key)?;
     let dir = pins::pin_dir(iface)?;
     if !pins::link_pin(&dir).exists() {
         bail!("no ballast generation runs on {iface} in this network namespace (nothing pinned at {})", dir.display());
     }
-    pins::remove_pins(&dir, &pins::generation_pins(&dir))?;
+    let record = state.record(&target.key)?;
+    let result = pins::remove_pins(&dir, &pins::generation_pins(&dir));
+    let from = record.as_ref().and_then(|r| r.current.clone());
+    audit(state, &target, "detach", from, None, record.as_ref(), result.as_ref().err())?;
+    result?;
+    state.remove_record(&target.key)?;
+    state.collect_garbage()?;
     Ok(dir)
 }
 

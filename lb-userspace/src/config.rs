@@ -210,7 +210,15 @@ impl Config {
                 })
             })
             .collect();
-        serde_json::json!({ "hash_seed": self.hash_seed, "vips": vips }).to_string()
+        // Same keys as the TOML, so `from_canonical_json` reads it back through `validate`.
+        serde_json::json!({ "hash_seed": self.hash_seed, "vip": vips }).to_string()
+    }
+
+    /// Reads back what [`Config::to_canonical_json`] wrote (from a generation artifact),
+    /// validating it like a TOML config.
+    pub fn from_canonical_json(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ConfigError::new("", e.to_string()))?;
+        validate(raw)
     }
 }
 
@@ -865,19 +873,28 @@ mod tests {
     }
 
     #[test]
+    fn canonical_json_reads_back() {
+        let config = Config::from_toml_str(EXAMPLE_CONFIG).unwrap();
+        let again = Config::from_canonical_json(&config.to_canonical_json()).unwrap();
+        assert_eq!(again.to_canonical_json(), config.to_canonical_json());
+        let err = Config::from_canonical_json(r#"{"hash_seed":7,"vip":[{"address":"1.2.3.999"}]}"#).unwrap_err();
+        assert_eq!(err.path, "vip[0].address");
+    }
+
+    #[test]
     fn canonical_json_form() {
         let config =
             Config::from_toml_str(&one_vip("", r#"[{ address = "10.1.0.2", weight = 3 }, { address = "10.1.0.1" }]"#))
                 .unwrap();
         assert_eq!(
             config.to_canonical_json(),
-            r#"{"hash_seed":7,"vips":[{"address":"192.0.2.10","backends":[{"address":"10.1.0.1","weight":1},{"address":"10.1.0.2","weight":3}],"port":80,"protocol":"tcp","table_size":65537}]}"#
+            r#"{"hash_seed":7,"vip":[{"address":"192.0.2.10","backends":[{"address":"10.1.0.1","weight":1},{"address":"10.1.0.2","weight":3}],"port":80,"protocol":"tcp","table_size":65537}]}"#
         );
         // IPv4 VIPs sort before IPv6 ones, then by address, port and protocol.
         let order: Vec<(String, u64, String)> = {
             let json: serde_json::Value =
                 serde_json::from_str(&Config::from_toml_str(EXAMPLE_CONFIG).unwrap().to_canonical_json()).unwrap();
-            json["vips"]
+            json["vip"]
                 .as_array()
                 .unwrap()
                 .iter()

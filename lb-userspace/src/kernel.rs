@@ -185,3 +185,28 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], va
     }
     Ok(())
 }
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// `BPF_MAP_LOOKUP_ELEM` with raw bytes, for maps whose value has no Rust type (.rodata).
+pub fn lookup_raw(fd: BorrowedFd<'_>, key: &[u8], value_size: usize) -> anyhow::Result<Vec<u8>> {
+    #[repr(C)]
+    struct LookupAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = vec![0u8; value_size];
+    let mut attr =
+        LookupAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: key.as_ptr() as u64, value: value.as_mut_ptr() as u64, flags: 0 };
+    // SAFETY: key and value outlive the call; value has the map's value size.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut LookupAttr, std::mem::size_of::<LookupAttr>())
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error()).context("BPF_MAP_LOOKUP_ELEM");
+    }
+    Ok(value)
+}

@@ -2,10 +2,15 @@
 pub mod config;
 pub mod decap;
 pub mod generation;
+pub mod generations;
+pub mod inspect;
 pub mod kernel;
 pub mod loader;
 pub mod netns;
 pub mod pins;
+pub mod preflight;
+pub mod state;
+pub mod artifact;
 pub mod attach;
 pub mod demo;
 pub mod status;

@@ -13,11 +13,11 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::maps::{
-    globals, Counter, MaglevChunk, CONFIG_MAPS, COUNTER_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_BACKEND_COUNTERS,
+    globals, Counter, GENERATION_ID_LEN, GENERATION_ID_MAGIC, MaglevChunk, CONFIG_MAPS, COUNTER_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_BACKEND_COUNTERS,
     MAP_MAGLEV, MAP_REASON_COUNTERS, MAP_VIPS, MAP_VIP_COUNTERS, REASON_COUNT,
 };
 
-use crate::{generation::Generation, kernel};
+use crate::{artifact::Artifact, generation::Generation, kernel};
 
 /// The XDP program, compiled by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -47,20 +47,37 @@ pub struct VerifierStats {
 }
 
 impl LoadedGeneration {
-    /// Creates, fills, loads and freezes; nothing is attached. With `counter_pins`, the
-    /// counter maps are pinned there (or the ones already pinned are reused).
+    /// Creates, fills, loads and freezes a generation with this binary's program; nothing is
+    /// attached. With `counter_pins`, the counter maps are pinned there (or the ones already
+    /// pinned are reused).
     pub fn load(generation: &Generation, host: &HostParams, counter_pins: Option<&Path>) -> anyhow::Result<Self> {
-        Self::load_with_constants(generation, host, counter_pins, &Constants::of(generation))
+        let constants = Constants::of(generation);
+        Self::load_object(generation, EBPF_OBJECT, &[0; 32], host, counter_pins, &constants)
+    }
+
+    /// Loads an artifact: its own program, its digest readable from the kernel afterwards.
+    pub fn load_artifact(artifact: &Artifact, host: &HostParams, counter_pins: Option<&Path>) -> anyhow::Result<Self> {
+        let constants = Constants::of(&artifact.generation);
+        Self::load_object(&artifact.generation, &artifact.program, &artifact.digest, host, counter_pins, &constants)
     }
 
     /// Like [`Self::load`] but with the verifier's view of the generation's constants given
     /// explicitly: measuring what the `.rodata` pruning saves needs the unpruned program too.
-    pub fn load_with_constants(
+    pub fn load_with_constants(generation: &Generation, host: &HostParams, constants: &Constants) -> anyhow::Result<Self> {
+        Self::load_object(generation, EBPF_OBJECT, &[0; 32], host, None, constants)
+    }
+
+    fn load_object(
         generation: &Generation,
+        program: &[u8],
+        digest: &[u8; 32],
         host: &HostParams,
         counter_pins: Option<&Path>,
         constants: &Constants,
     ) -> anyhow::Result<Self> {
+        let mut generation_id = [0u8; GENERATION_ID_LEN];
+        generation_id[..GENERATION_ID_MAGIC.len()].copy_from_slice(&GENERATION_ID_MAGIC);
+        generation_id[GENERATION_ID_MAGIC.len()..].copy_from_slice(digest);
         let source_v4 = host.source_v4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0);
         let source_v6: [u32; 4] =
             host.source_v6.map(|a| crate::generation::addr_words(a.into())).unwrap_or([0; 4]);
@@ -76,6 +93,7 @@ impl LoadedGeneration {
             .override_global(globals::OUTER_SOURCE_V4, &source_v4, true)
             .override_global(globals::OUTER_SOURCE_V6, &source_v6, true)
             .override_global(globals::MTU, &host.mtu, true)
+            .override_global(globals::GENERATION_ID, &generation_id, true)
             .map_max_entries(MAP_VIPS, entries(generation.vip_entries.len())?)
             .map_max_entries(MAP_BACKENDS, entries(generation.backends.len())?)
             .map_max_entries(MAP_MAGLEV, entries(chunks.len())?);
@@ -84,7 +102,7 @@ impl LoadedGeneration {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader.load(EBPF_OBJECT).context("creating the generation's maps")?;
+        let mut ebpf = loader.load(program).context("creating the generation's maps")?;
 
         let vip_keys: Vec<_> = generation.vip_entries.keys().copied().collect();
         let vip_values: Vec<_> = generation.vip_entries.values().copied().collect();
@@ -131,6 +149,16 @@ impl LoadedGeneration {
         let id = program.attach_to_if_index(if_index, mode).context("attaching the XDP program")?;
         let link = program.take_link(id)?;
         FdLink::try_from(link).map_err(|_| anyhow!("the kernel attached through netlink, not a bpf_link: too old for ballast"))
+    }
+
+    /// Atomically replaces the program behind an attached link with this one
+    /// (bpf_link_update): no moment without a program, no packet seen by neither.
+    pub fn replace_on(&mut self, link: FdLink) -> anyhow::Result<()> {
+        let program = xdp_mut(&mut self.ebpf)?;
+        let xdp_link = aya::programs::xdp::XdpLink::try_from(link).context("the pinned link is not an XDP link")?;
+        // Our handle to the link only closes an fd when dropped: the pin keeps the link.
+        program.attach_to_link(xdp_link).context("bpf_link_update")?;
+        Ok(())
     }
 
     pub fn map(&self, name: &str) -> anyhow::Result<&Map> {

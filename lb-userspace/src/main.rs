@@ -1,14 +1,19 @@
 //! The `ballast` command line.
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use ballast::{
+    artifact::{load_generation_file, Artifact},
     attach::{self, AttachMode, AttachRequest},
     config::Config,
     decap, demo,
     generation::{describe, Generation},
+    generations::{self, Swapped, Target},
+    inspect,
+    loader::EBPF_OBJECT,
+    state::StateDir,
     status,
 };
 use clap::{Parser, Subcommand};
@@ -17,16 +22,35 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Where generations, records and the audit log are kept
+    /// [default: $BALLAST_STATE_DIR or /var/lib/ballast].
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a generation from a config, load it frozen and attach it to an interface.
-    Attach {
+    /// Build a generation artifact from a config and print its digest.
+    Build {
         /// The TOML config.
+        config: PathBuf,
+        /// Where to write the artifact.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Show what a generation artifact (or config) contains.
+    Inspect {
+        /// An artifact or a TOML config.
+        generation: PathBuf,
         #[arg(long)]
+        json: bool,
+    },
+    /// Pre-flight a generation, load it frozen and attach it to an interface.
+    Attach {
+        /// A TOML config or a generation artifact (`ballast build`).
+        #[arg(long, alias = "artifact")]
         config: PathBuf,
         /// The interface to attach to (one-arm: packets leave where they came in).
         #[arg(long)]
@@ -46,6 +70,43 @@ enum Command {
     },
     /// Show the generation running on an interface, read back from the kernel.
     Status {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the running generation, atomically, after a pre-flight of the new one.
+    Swap {
+        /// A generation artifact or a TOML config.
+        generation: PathBuf,
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Return atomically to the previous generation, or to the one named.
+    Rollback {
+        #[arg(long)]
+        iface: String,
+        /// A kept generation's digest, or a unique prefix of it.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Check what runs against the record: digests, map contents, frozen maps. Exit 0 only if all holds.
+    Verify {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        netns: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit trail of an interface.
+    History {
         #[arg(long)]
         iface: String,
         #[arg(long)]
@@ -107,7 +168,8 @@ enum DecapAction {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match run(Cli::parse().command) {
+    let cli = Cli::parse();
+    match run(cli.state_dir.as_deref(), cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("ballast: {err:#}");
@@ -116,19 +178,76 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
+    let state = || StateDir::open(state_dir);
     match command {
+        Command::Build { config, output } => {
+            let artifact = Artifact::build(&Config::load(&config)?, EBPF_OBJECT)?;
+            artifact.write(&output)?;
+            println!("{}", artifact.digest_string());
+        }
+        Command::Inspect { generation, json } => {
+            let report = inspect::inspect(&load_generation_file(&generation)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).context("rendering JSON")?);
+            } else {
+                print!("{}", inspect::render(&report));
+            }
+        }
         Command::Attach { config, iface, gateway_mac, sources, mode, netns } => {
+            let state = state()?;
             attach::enter_netns(netns.as_deref())?;
-            let request = AttachRequest { config, iface, gateway_mac, sources, mode };
-            let attached = attach::attach(&request)?;
+            let request = AttachRequest { generation: config, iface, gateway_mac, sources, mode };
+            let attached = attach::attach(&state, &request)?;
             println!(
-                "attached to {}: {} VIPs, {} backends; pinned in {}",
+                "attached {} to {}: {} VIPs, {} backends, pre-flight {} packets ok; pinned in {}",
+                attached.digest,
                 request.iface,
                 attached.vips,
                 attached.backends,
+                attached.preflight_packets,
                 attached.pin_dir.display()
             );
+        }
+        Command::Swap { generation, iface, netns } => {
+            let state = state()?;
+            let artifact = load_generation_file(&generation)?;
+            attach::enter_netns(netns.as_deref())?;
+            report_swap(&iface, &generations::swap(&state, &Target::new(&iface)?, &artifact, "swap")?);
+        }
+        Command::Rollback { iface, to, netns } => {
+            let state = state()?;
+            attach::enter_netns(netns.as_deref())?;
+            report_swap(&iface, &generations::rollback(&state, &Target::new(&iface)?, to.as_deref())?);
+        }
+        Command::Verify { iface, netns, json } => {
+            let state = state()?;
+            attach::enter_netns(netns.as_deref())?;
+            let verification = generations::verify(&state, &Target::new(&iface)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&verification).context("rendering JSON")?);
+            } else {
+                for check in &verification.checks {
+                    println!("{:<4} {:<22} {}", if check.ok { "ok" } else { "FAIL" }, check.what, check.detail);
+                }
+            }
+            if !verification.ok() {
+                anyhow::bail!("verification of {iface} failed");
+            }
+            println!("verified: {} runs as recorded", verification.running.as_deref().unwrap_or("?"));
+        }
+        Command::History { iface, netns, json } => {
+            let state = state()?;
+            attach::enter_netns(netns.as_deref())?;
+            let entries = state.history(&Target::new(&iface)?.key)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries).context("rendering JSON")?);
+            } else {
+                for e in &entries {
+                    let short = |d: &Option<String>| d.as_deref().map_or("-".to_owned(), |d| d.chars().take(19).collect());
+                    println!("{:.3}  {:<9} {} -> {}  {}", e.time, e.action, short(&e.from), short(&e.to), e.result);
+                }
+            }
         }
         Command::Status { iface, netns, json } => {
             attach::enter_netns(netns.as_deref())?;
@@ -140,8 +259,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Detach { iface, netns } => {
+            let state = state()?;
             attach::enter_netns(netns.as_deref())?;
-            let dir = attach::detach(&iface)?;
+            let dir = attach::detach(&state, &iface)?;
             println!("detached from {iface}; removed {}", dir.display());
         }
         Command::Check { config } => {
@@ -155,6 +275,18 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo => demo::run()?,
     }
     Ok(())
+}
+
+fn report_swap(iface: &str, swapped: &Swapped) {
+    if let Some(note) = &swapped.recovered {
+        println!("recovered: {note}");
+    }
+    println!(
+        "{iface}: {} -> {} (pre-flight {} packets ok)",
+        swapped.from.as_deref().unwrap_or("nothing"),
+        swapped.to,
+        swapped.preflight_packets
+    );
 }
 
 fn run_decap(action: DecapAction) -> anyhow::Result<()> {

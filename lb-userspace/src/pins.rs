@@ -29,17 +29,21 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     kernel::mount_bpffs(root)
 }
 
-/// The pin directory of `iface` in the calling thread's network namespace.
-pub fn pin_dir(iface: &str) -> anyhow::Result<PathBuf> {
+/// Names `iface` in the calling thread's network namespace: `IF` in the host's,
+/// `netns-INODE/IF` elsewhere. Pins and state records are filed under it.
+pub fn iface_key(iface: &str) -> anyhow::Result<String> {
     if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
         bail!("'{iface}' is not a valid interface name");
     }
-    let mut dir = PathBuf::from(BPFFS).join("ballast");
-    if let Some(ns) = netns::current_namespace_id()? {
-        dir.push(format!("netns-{ns}"));
-    }
-    dir.push(iface);
-    Ok(dir)
+    Ok(match netns::current_namespace_id()? {
+        Some(ns) => format!("netns-{ns}/{iface}"),
+        None => iface.to_owned(),
+    })
+}
+
+/// The pin directory of `iface` in the calling thread's network namespace.
+pub fn pin_dir(iface: &str) -> anyhow::Result<PathBuf> {
+    Ok(PathBuf::from(BPFFS).join("ballast").join(iface_key(iface)?))
 }
 
 pub fn link_pin(dir: &Path) -> PathBuf {

@@ -10,18 +10,20 @@ use aya::{
     programs::links::{FdLink, PinnedLink},
 };
 use lb_common::maps::{
-    Backend, Counter, MaglevChunk, Reason, VipKey, VipMeta, CONFIG_MAPS, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS,
-    VIP_FLAG_ADDRESS_ONLY,
+    Backend, Counter, MaglevChunk, Reason, VipKey, VipMeta, CONFIG_MAPS, GENERATION_ID_LEN, GENERATION_ID_MAGIC,
+    MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS, VIP_FLAG_ADDRESS_ONLY,
 };
 use serde::Serialize;
 
-use crate::{generation::words_addr, kernel, loader::CounterSnapshot, pins};
+use crate::{artifact::format_digest, generation::words_addr, kernel, loader::CounterSnapshot, pins};
 
 #[derive(Serialize)]
 pub struct Status {
     pub iface: String,
     pub pin_dir: PathBuf,
     pub link_id: u32,
+    /// The running generation's digest, read from the kernel.
+    pub generation: Option<String>,
     pub program: ProgramStatus,
     pub maps: Vec<MapStatus>,
     pub vips: Vec<VipStatus>,
@@ -83,41 +85,109 @@ fn kernel_name(name: &str) -> &str {
     &name[..name.len().min(15)]
 }
 
-pub fn status(iface: &str) -> anyhow::Result<Status> {
-    pins::ensure_bpffs()?;
-    let dir = pins::pin_dir(iface)?;
-    let link_path = pins::link_pin(&dir);
-    let link = FdLink::from(
-        PinnedLink::from_pin(&link_path)
-            .with_context(|| format!("no ballast generation runs on {iface} (no pin at {})", link_path.display()))?,
-    );
-    let link_info = link.info().context("link info")?;
-    let program = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == link_info.program_id())
-        .ok_or_else(|| anyhow!("program {} of link {} not found", link_info.program_id(), link_info.id()))?;
-    let map_ids = program.map_ids().context("program map ids")?.unwrap_or_default();
+/// What runs on an interface, as the kernel reports it.
+pub struct Running {
+    pub pin_dir: PathBuf,
+    pub link_id: u32,
+    pub program: ProgramStatus,
+    pub maps: Vec<MapStatus>,
+    /// The generation digest in the program's .rodata (None for a program loaded without one).
+    pub digest: Option<[u8; 32]>,
+}
 
-    let mut maps = Vec::new();
-    let mut by_name = BTreeMap::new();
-    for id in map_ids {
-        let info = MapInfo::from_id(id).with_context(|| format!("map {id}"))?;
-        let name = info.name_as_str().unwrap_or("").to_owned();
-        let fd = info.fd().with_context(|| format!("map {id} fd"))?;
-        maps.push(MapStatus {
-            id,
-            max_entries: info.max_entries(),
-            role: map_role(&name),
-            read_only_for_program: info.map_flags() & BPF_F_RDONLY_PROG != 0,
-            frozen: kernel::map_is_frozen(fd.as_fd())?,
-            name: name.clone(),
-        });
-        by_name.insert(name, id);
+/// The config maps' contents, as read back from the kernel.
+pub struct KernelTables {
+    /// Sorted by key, as a generation lays them out.
+    pub vip_entries: Vec<(VipKey, VipMeta)>,
+    pub backends: Vec<Backend>,
+    /// Flattened, without the padding of the last chunk.
+    pub maglev: Vec<u32>,
+}
+
+impl Running {
+    /// Reads the pinned link of `iface` (calling thread's network namespace), its program and
+    /// the program's maps.
+    pub fn read(iface: &str) -> anyhow::Result<Running> {
+        pins::ensure_bpffs()?;
+        let dir = pins::pin_dir(iface)?;
+        let link_path = pins::link_pin(&dir);
+        let link = FdLink::from(
+            PinnedLink::from_pin(&link_path)
+                .with_context(|| format!("no ballast generation runs on {iface} (no pin at {})", link_path.display()))?,
+        );
+        let link_info = link.info().context("link info")?;
+        let program = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .find(|p| p.id() == link_info.program_id())
+            .ok_or_else(|| anyhow!("program {} of link {} not found", link_info.program_id(), link_info.id()))?;
+        let mut maps = Vec::new();
+        let mut digest = None;
+        for id in program.map_ids().context("program map ids")?.unwrap_or_default() {
+            let info = MapInfo::from_id(id).with_context(|| format!("map {id}"))?;
+            let name = info.name_as_str().unwrap_or("").to_owned();
+            let fd = info.fd().with_context(|| format!("map {id} fd"))?;
+            if name.ends_with(".rodata") {
+                let rodata = kernel::lookup_raw(fd.as_fd(), &0u32.to_ne_bytes(), info.value_size() as usize)?;
+                digest = generation_id(&rodata);
+            }
+            maps.push(MapStatus {
+                id,
+                max_entries: info.max_entries(),
+                role: map_role(&name),
+                read_only_for_program: info.map_flags() & BPF_F_RDONLY_PROG != 0,
+                frozen: kernel::map_is_frozen(fd.as_fd())?,
+                name,
+            });
+        }
+        Ok(Running {
+            pin_dir: dir,
+            link_id: link_info.id(),
+            program: ProgramStatus {
+                id: program.id(),
+                name: program.name_as_str().unwrap_or("").to_owned(),
+                verified_instructions: program.verified_instruction_count(),
+                xlated_instructions: program.size_translated().map(|b| b / 8),
+            },
+            maps,
+            digest,
+        })
     }
-    let open = |name: &str| -> anyhow::Result<Map> {
-        let id = by_name.get(kernel_name(name)).ok_or_else(|| anyhow!("the program has no map {name}"))?;
-        Ok(Map::from_map_data(MapData::from_id(*id)?)?)
-    };
+
+    /// One of the running program's maps, by its (untruncated) name.
+    pub fn map(&self, name: &str) -> anyhow::Result<Map> {
+        let id = self
+            .maps
+            .iter()
+            .find(|m| m.name == kernel_name(name))
+            .map(|m| m.id)
+            .ok_or_else(|| anyhow!("the running program has no map {name}"))?;
+        Ok(Map::from_map_data(MapData::from_id(id)?)?)
+    }
+
+    pub fn tables(&self) -> anyhow::Result<KernelTables> {
+        let vips_map = self.map(MAP_VIPS)?;
+        let mut vip_entries: Vec<(VipKey, VipMeta)> =
+            HashMap::<_, VipKey, VipMeta>::try_from(&vips_map)?.iter().collect::<Result<_, _>>()?;
+        vip_entries.sort_by_key(|(k, _)| *k);
+        let backends: Vec<Backend> = Array::<_, Backend>::try_from(&self.map(MAP_BACKENDS)?)?.iter().collect::<Result<_, _>>()?;
+        let mut maglev: Vec<u32> =
+            Array::<_, MaglevChunk>::try_from(&self.map(MAP_MAGLEV)?)?.iter().collect::<Result<Vec<_>, _>>()?.concat();
+        let entries: u64 = vip_entries.iter().map(|(_, m)| m.table_size as u64).sum();
+        maglev.truncate(entries as usize);
+        Ok(KernelTables { vip_entries, backends, maglev })
+    }
+}
+
+/// The digest after GENERATION_ID_MAGIC in a program's .rodata, if there is one.
+fn generation_id(rodata: &[u8]) -> Option<[u8; 32]> {
+    let at = rodata.windows(GENERATION_ID_MAGIC.len()).position(|w| w == GENERATION_ID_MAGIC)?;
+    let digest: [u8; 32] = rodata.get(at + GENERATION_ID_MAGIC.len()..at + GENERATION_ID_LEN)?.try_into().ok()?;
+    (digest != [0; 32]).then_some(digest)
+}
+
+pub fn status(iface: &str) -> anyhow::Result<Status> {
+    let running = Running::read(iface)?;
+    let dir = running.pin_dir.clone();
     let pinned: BTreeMap<&str, Map> = lb_common::maps::COUNTER_MAPS
         .iter()
         .map(|name| {
@@ -127,37 +197,23 @@ pub fn status(iface: &str) -> anyhow::Result<Status> {
         })
         .collect::<anyhow::Result<_>>()?;
     let counters = CounterSnapshot::read(|name| pinned.get(name).ok_or_else(|| anyhow!("counter map {name} missing")))?;
-
-    let vips_map = open(MAP_VIPS)?;
-    let backends_map = open(MAP_BACKENDS)?;
-    let maglev_map = open(MAP_MAGLEV)?;
-    let vip_table = HashMap::<_, VipKey, VipMeta>::try_from(&vips_map)?;
-    let backends: Vec<Backend> = Array::<_, Backend>::try_from(&backends_map)?.iter().collect::<Result<_, _>>()?;
-    let maglev: Vec<u32> =
-        Array::<_, MaglevChunk>::try_from(&maglev_map)?.iter().collect::<Result<Vec<_>, _>>()?.concat();
-
-    let mut vips = Vec::new();
-    for entry in vip_table.iter() {
-        let (key, meta) = entry?;
-        if meta.flags & VIP_FLAG_ADDRESS_ONLY != 0 {
-            continue;
-        }
-        vips.push(vip_status(&key, &meta, &backends, &maglev, &counters));
-    }
+    let tables = running.tables()?;
+    let mut vips: Vec<VipStatus> = tables
+        .vip_entries
+        .iter()
+        .filter(|(_, meta)| meta.flags & VIP_FLAG_ADDRESS_ONLY == 0)
+        .map(|(key, meta)| vip_status(key, meta, &tables.backends, &tables.maglev, &counters))
+        .collect();
     vips.sort_by(|a, b| a.vip.cmp(&b.vip));
     Ok(Status {
         iface: iface.to_owned(),
         pin_dir: dir,
-        link_id: link_info.id(),
-        program: ProgramStatus {
-            id: program.id(),
-            name: program.name_as_str().unwrap_or("").to_owned(),
-            verified_instructions: program.verified_instruction_count(),
-            xlated_instructions: program.size_translated().map(|b| b / 8),
-        },
-        maps,
+        link_id: running.link_id,
+        generation: running.digest.as_ref().map(format_digest),
+        program: running.program,
+        maps: running.maps,
         vips,
-        backends: backends.len(),
+        backends: tables.backends.len(),
         reasons: Reason::ALL.iter().map(|r| (r.name(), counters.reasons.get(*r as usize).copied().unwrap_or(0))).collect(),
     })
 }
@@ -203,6 +259,7 @@ pub fn render(status: &Status) -> String {
         out.push('\n');
     };
     line(&mut out, format!("interface {}: generation attached (link {}, pinned in {})", status.iface, status.link_id, status.pin_dir.display()));
+    line(&mut out, format!("generation {}", status.generation.as_deref().unwrap_or("(no digest: loaded without an artifact)")));
     line(
         &mut out,
         format!(
@@ -233,14 +290,7 @@ pub fn render(status: &Status) -> String {
 /// Tries to insert an entry into the VIPS map of the generation running on `iface`, as an
 /// in-place "hotfix" would, and returns how the kernel answered (frozen maps refuse).
 pub fn try_edit_running_vips(iface: &str) -> anyhow::Result<String> {
-    let status = status(iface)?;
-    let id = status
-        .maps
-        .iter()
-        .find(|m| m.name == kernel_name(MAP_VIPS))
-        .map(|m| m.id)
-        .ok_or_else(|| anyhow!("the running program has no VIPS map"))?;
-    let mut map = Map::from_map_data(MapData::from_id(id)?)?;
+    let mut map = Running::read(iface)?.map(MAP_VIPS)?;
     let mut vips = HashMap::<_, VipKey, VipMeta>::try_from(&mut map)?;
     Ok(match vips.insert(VipKey::default(), VipMeta::default(), 0) {
         Ok(()) => "ACCEPTED (the map is not frozen!)".to_owned(),

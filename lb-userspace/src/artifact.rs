@@ -1,0 +1,255 @@
+//! Generation artifacts (`ballast build`): a config and the BPF program that serves it,
+//! content-addressed.
+//!
+//! File layout (little-endian): magic "BALLAST\0", format version (u32), the canonical config
+//! (u64 length + JSON), the BPF object (u64 length + ELF), then the 32-byte SHA-256 digest.
+//! The digest covers the format version, the canonical config, the tables the config builds
+//! (VIPS, BACKENDS, MAGLEV, exactly as loaded into the kernel) and the program's bytes. The
+//! tables are not stored: reading an artifact rebuilds them and recomputes the digest, so a
+//! flipped byte anywhere, or a table builder that changed, is a digest mismatch. Host
+//! parameters (interface, MACs, outer source) are not part of it: one artifact serves a fleet.
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context as _};
+use lb_common::maps::{Backend, VipKey, VipMeta};
+use sha2::{Digest as _, Sha256};
+
+use crate::{config::Config, generation::Generation};
+
+pub const MAGIC: &[u8; 8] = b"BALLAST\0";
+pub const FORMAT_VERSION: u32 = 1;
+const DIGEST_LEN: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    pub generation: Generation,
+    /// The BPF object (ELF) this generation runs.
+    pub program: Vec<u8>,
+    pub digest: [u8; DIGEST_LEN],
+}
+
+/// `sha256:<hex>`.
+pub fn format_digest(digest: &[u8; DIGEST_LEN]) -> String {
+    format!("sha256:{}", hex(digest))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The content the digest covers; `verify` calls it with tables read back from the kernel.
+pub fn compute_digest(
+    config_json: &str,
+    vip_entries: &[(VipKey, VipMeta)],
+    backends: &[Backend],
+    maglev: &[u32],
+    program: &[u8],
+) -> [u8; DIGEST_LEN] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"ballast generation");
+    hasher.update(FORMAT_VERSION.to_le_bytes());
+    let mut section = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    section(config_json.as_bytes());
+    let vips: Vec<u8> =
+        vip_entries.iter().flat_map(|(k, v)| bytemuck::bytes_of(k).iter().chain(bytemuck::bytes_of(v)).copied()).collect();
+    section(&vips);
+    section(bytemuck::cast_slice(backends));
+    let maglev_le: Vec<u8> = maglev.iter().flat_map(|e| e.to_le_bytes()).collect();
+    section(&maglev_le);
+    section(program);
+    hasher.finalize().into()
+}
+
+fn generation_digest(generation: &Generation, program: &[u8]) -> [u8; DIGEST_LEN] {
+    let entries: Vec<(VipKey, VipMeta)> = generation.vip_entries.iter().map(|(k, v)| (*k, *v)).collect();
+    compute_digest(&generation.config.to_canonical_json(), &entries, &generation.backends, &generation.maglev, program)
+}
+
+impl Artifact {
+    pub fn build(config: &Config, program: &[u8]) -> anyhow::Result<Artifact> {
+        let generation = Generation::build(config)?;
+        let digest = generation_digest(&generation, program);
+        Ok(Artifact { generation, program: program.to_vec(), digest })
+    }
+
+    pub fn digest_string(&self) -> String {
+        format_digest(&self.digest)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let config = self.generation.config.to_canonical_json();
+        let mut out = Vec::with_capacity(64 + config.len() + self.program.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        for section in [config.as_bytes(), &self.program] {
+            out.extend_from_slice(&(section.len() as u64).to_le_bytes());
+            out.extend_from_slice(section);
+        }
+        out.extend_from_slice(&self.digest);
+        out
+    }
+
+    /// Parses and checks an artifact; any inconsistency is an error naming it.
+    pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<Artifact> {
+        let mut reader = Reader { bytes, at: 0 };
+        if reader.take(MAGIC.len()).ok() != Some(MAGIC.as_slice()) {
+            bail!("not a ballast generation artifact (no BALLAST magic at the start)");
+        }
+        let version = u32::from_le_bytes(reader.array()?);
+        if version != FORMAT_VERSION {
+            bail!("artifact format version {version}; this ballast reads version {FORMAT_VERSION}");
+        }
+        let config_json = std::str::from_utf8(reader.section("config")?).context("artifact config is not UTF-8")?;
+        let program = reader.section("program")?.to_vec();
+        let recorded: [u8; DIGEST_LEN] = reader.array().context("artifact digest")?;
+        if reader.at != bytes.len() {
+            bail!("{} bytes after the artifact's digest", bytes.len() - reader.at);
+        }
+        // Rebuild before judging: a corrupt config may not even parse, and the digest covers
+        // the tables built from it.
+        // Only the canonical rendering is accepted, so one generation has one byte form.
+        let config = Config::from_canonical_json(config_json)
+            .map_err(|e| e.to_string())
+            .and_then(|c| if c.to_canonical_json() == config_json { Ok(c) } else { Err("not in canonical form".to_owned()) });
+        let rebuilt = config.as_ref().ok().and_then(|c| Generation::build(c).ok());
+        let computed = rebuilt.as_ref().map(|g| generation_digest(g, &program));
+        match (rebuilt, computed) {
+            (Some(generation), Some(digest)) if digest == recorded => Ok(Artifact { generation, program, digest }),
+            (_, Some(digest)) => bail!(
+                "digest mismatch: the artifact records {} but its content hashes to {}; it is corrupt or was altered",
+                format_digest(&recorded),
+                format_digest(&digest)
+            ),
+            _ => bail!(
+                "digest mismatch: the artifact records {} but its config does not even parse ({}); it is corrupt or was altered",
+                format_digest(&recorded),
+                config.err().unwrap_or_else(|| "no generation".to_owned())
+            ),
+        }
+    }
+
+    pub fn read(path: &Path) -> anyhow::Result<Artifact> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Artifact::from_bytes(&bytes).with_context(|| format!("{}", path.display()))
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        write_atomically(path, &self.to_bytes())
+    }
+}
+
+/// Either file kind, told apart by the artifact magic: an artifact, or a TOML config built
+/// with this binary's program.
+pub fn load_generation_file(path: &Path) -> anyhow::Result<Artifact> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.starts_with(MAGIC) {
+        return Artifact::from_bytes(&bytes).with_context(|| format!("{}", path.display()));
+    }
+    Artifact::build(&Config::load(path)?, crate::loader::EBPF_OBJECT)
+}
+
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize) -> anyhow::Result<&'a [u8]> {
+        let end = self.at.checked_add(len).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+            anyhow!("artifact truncated: {} bytes wanted at offset {}, {} in the file", len, self.at, self.bytes.len())
+        })?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> anyhow::Result<[u8; N]> {
+        let slice = self.take(N)?;
+        slice.try_into().map_err(|_| anyhow!("internal: slice of {} bytes for an array of {N}", slice.len()))
+    }
+
+    fn section(&mut self, name: &str) -> anyhow::Result<&'a [u8]> {
+        let len = u64::from_le_bytes(self.array()?);
+        let len = usize::try_from(len).with_context(|| format!("artifact {name} length {len}"))?;
+        self.take(len).with_context(|| format!("artifact {name} section"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::EXAMPLE_CONFIG;
+
+    fn example() -> Artifact {
+        Artifact::build(&Config::from_toml_str(EXAMPLE_CONFIG).unwrap(), b"program bytes").unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_determinism() {
+        let a = example();
+        let bytes = a.to_bytes();
+        assert_eq!(bytes, example().to_bytes(), "same config and program: same bytes");
+        let back = Artifact::from_bytes(&bytes).unwrap();
+        assert_eq!(back.digest, a.digest);
+        assert_eq!(back.program, a.program);
+        assert!(a.digest_string().starts_with("sha256:") && a.digest_string().len() == 7 + 64);
+    }
+
+    #[test]
+    fn order_does_not_matter_content_does() {
+        let config = Config::from_toml_str(EXAMPLE_CONFIG).unwrap();
+        let mut reordered = config.clone();
+        reordered.vips.reverse();
+        reordered.vips.iter_mut().for_each(|v| v.backends.reverse());
+        let base = Artifact::build(&config, b"p").unwrap().digest;
+        assert_eq!(Artifact::build(&reordered, b"p").unwrap().digest, base);
+
+        let mut weight = config.clone();
+        weight.vips[0].backends[0].weight += 1;
+        let mut seed = config.clone();
+        seed.hash_seed ^= 1;
+        let mut backend = config.clone();
+        backend.vips[0].backends[0].address = "10.9.9.9".parse().unwrap();
+        for (what, changed) in [("weight", weight), ("seed", seed), ("backend", backend)] {
+            assert_ne!(Artifact::build(&changed, b"p").unwrap().digest, base, "{what}");
+        }
+        assert_ne!(Artifact::build(&config, b"q").unwrap().digest, base, "program");
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let bytes = example().to_bytes();
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            let err = Artifact::from_bytes(&bad).expect_err("a flipped byte must be refused");
+            let text = format!("{err:#}");
+            assert!(
+                text.contains("digest mismatch") || text.contains("magic") || text.contains("version") || text.contains("truncated") || text.contains("after the artifact"),
+                "byte {i}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncation_and_garbage_are_refused() {
+        let bytes = example().to_bytes();
+        for len in [0, 4, 12, 20, bytes.len() - 1] {
+            assert!(Artifact::from_bytes(&bytes[..len]).is_err(), "length {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(format!("{:#}", Artifact::from_bytes(&longer).unwrap_err()).contains("after the artifact"));
+    }
+}
