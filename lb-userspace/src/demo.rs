@@ -36,48 +36,50 @@ pub fn run() -> anyhow::Result<()> {
     println!("ballast demo: an immutable XDP load balancer between two network namespaces\n");
 
     let lab = Lab::create()?;
-    let config_path = std::env::temp_dir().join(format!("ballast-demo-{}.toml", std::process::id()));
+    std::fs::create_dir_all(&lab.state_dir).with_context(|| format!("creating {}", lab.state_dir.display()))?;
+    let config_path = lab.state_dir.join("lb.toml");
     std::fs::write(&config_path, EXAMPLE_CONFIG).with_context(|| format!("writing {}", config_path.display()))?;
-    let _config_file = RemoveOnDrop(config_path.clone());
 
-    println!("[1/5] the generation (embedded example config):");
+    println!("[1/6] the generation (embedded example config):");
     for vip in &generation.config.vips {
         let backends: Vec<String> = vip.backends.iter().map(|b| format!("{} (weight {})", b.address, b.weight)).collect();
         println!("      {:<24} -> {}", describe(vip), backends.join(", "));
     }
 
-    println!("\n[2/5] attach it to {LB_IF} in {LB_NS}; the gateway is the client side of the veth pair.");
+    println!("\n[2/6] attach it to {LB_IF} in {LB_NS}; the gateway is the client side of the veth pair.");
     println!("      veth delivers XDP_TX frames only to a peer that runs XDP itself: the client side runs");
     println!("      ballast's backend decapsulator (for none of its addresses, so it passes everything)");
-    ballast(&["decap", "attach", "--iface", CLIENT_IF, "--address", "192.0.2.250", "--netns", CLIENT_NS])?;
+    ballast(&lab, &["decap", "attach", "--iface", CLIENT_IF, "--address", "192.0.2.250", "--netns", CLIENT_NS])?;
     let gateway_mac = lab.client_mac.clone();
     let config_arg = config_path.display().to_string();
-    ballast(&["attach", "--config", &config_arg, "--iface", LB_IF, "--gateway-mac", &gateway_mac, "--netns", LB_NS])?;
+    ballast(&lab, &["attach", "--config", &config_arg, "--iface", LB_IF, "--gateway-mac", &gateway_mac, "--netns", LB_NS])?;
 
-    println!("\n[3/5] the client sends real traffic to the VIPs:");
+    println!("\n[3/6] the client sends real traffic to the VIPs:");
     println!("      {} UDP datagrams to 192.0.2.10:53 over {UDP_FLOWS} flows, {TCP_FLOWS} TCP connection attempts to 192.0.2.10:80,", UDP_FLOWS as usize * UDP_PER_FLOW);
     println!("      {TCP6_FLOWS} to [2001:db8::10]:443; ballast returns them encapsulated toward the backends (XDP_TX), captured here");
     let frames = std::thread::scope(|s| s.spawn(send_and_capture).join()).map_err(|_| anyhow!("traffic thread panicked"))??;
 
-    println!("\n[4/5] where the packets went (captured on the wire, outer destination = backend):");
+    println!("\n[4/6] where the packets went (captured on the wire, outer destination = backend):");
     report(&generation, &frames)?;
     println!();
-    ballast(&["status", "--iface", LB_IF, "--netns", LB_NS])?;
-    show_frozen(&lab)?;
+    ballast(&lab, &["status", "--iface", LB_IF, "--netns", LB_NS])?;
+    show_frozen()?;
 
-    println!("\n[5/5] detach and clean up");
-    ballast(&["detach", "--iface", LB_IF, "--netns", LB_NS])?;
-    ballast(&["decap", "detach", "--iface", CLIENT_IF, "--netns", CLIENT_NS])?;
+    replace_generation(&lab, &generation, &frames)?;
+
+    println!("\n[6/6] detach and clean up");
+    ballast(&lab, &["detach", "--iface", LB_IF, "--netns", LB_NS])?;
+    ballast(&lab, &["decap", "detach", "--iface", CLIENT_IF, "--netns", CLIENT_NS])?;
     drop(lab);
     println!("      namespaces {LB_NS} and {CLIENT_NS} removed");
     Ok(())
 }
 
-/// Runs this same binary with `args`, echoing the command line and indenting its output.
-fn ballast(args: &[&str]) -> anyhow::Result<()> {
+/// Runs this same binary with `args` and the demo's state directory, echoing the command
+/// line and indenting its output.
+fn ballast(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
     println!("      $ ballast {}", args.join(" "));
-    let exe = std::env::current_exe().context("locating the ballast binary")?;
-    let output = Command::new(exe).args(args).output().context("running ballast")?;
+    let output = lab.command(args)?.output().context("running ballast")?;
     for line in String::from_utf8_lossy(&output.stdout).lines().chain(String::from_utf8_lossy(&output.stderr).lines()) {
         println!("      {line}");
     }
@@ -99,17 +101,20 @@ fn command(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The two namespaces; dropping it detaches whatever is left and deletes them.
+/// The two namespaces and the demo's state directory; dropping it detaches whatever is left
+/// and deletes them.
 struct Lab {
     client_mac: String,
+    state_dir: std::path::PathBuf,
 }
 
 impl Lab {
     fn create() -> anyhow::Result<Lab> {
-        Lab::remove_leftovers();
-        ip(&["netns", "add", LB_NS])?;
+        let state_dir = std::env::temp_dir().join(format!("ballast-demo-state-{}", std::process::id()));
         // From here on, dropping the guard removes whatever was built.
-        let mut lab = Lab { client_mac: String::new() };
+        let mut lab = Lab { client_mac: String::new(), state_dir };
+        lab.remove_leftovers();
+        ip(&["netns", "add", LB_NS])?;
         ip(&["netns", "add", CLIENT_NS])?;
         ip(&["-n", LB_NS, "link", "add", LB_IF, "type", "veth", "peer", "name", CLIENT_IF, "netns", CLIENT_NS])?;
         for (ns, dev, v4, v6) in [(LB_NS, LB_IF, "10.99.0.2/24", "fd99::2/64"), (CLIENT_NS, CLIENT_IF, "10.99.0.1/24", "fd99::1/64")] {
@@ -132,29 +137,30 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Namespaces of an earlier demo that did not finish (they carry our names).
-    fn remove_leftovers() {
-        if let Ok(exe) = std::env::current_exe() {
-            let _not_attached = Command::new(&exe).args(["detach", "--iface", LB_IF, "--netns", LB_NS]).output();
-            let _not_attached = Command::new(&exe).args(["decap", "detach", "--iface", CLIENT_IF, "--netns", CLIENT_NS]).output();
+    /// A `ballast` command with the demo's state directory.
+    fn command(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let mut command = Command::new(std::env::current_exe().context("locating the ballast binary")?);
+        command.args(args).env("BALLAST_STATE_DIR", &self.state_dir);
+        Ok(command)
+    }
+
+    /// What this demo (or an earlier one that did not finish: same names) left behind.
+    fn remove_leftovers(&self) {
+        for args in [["detach", "--iface", LB_IF, "--netns", LB_NS].as_slice(), &["decap", "detach", "--iface", CLIENT_IF, "--netns", CLIENT_NS]] {
+            if let Ok(mut command) = self.command(args) {
+                let _not_attached = command.output();
+            }
         }
         for ns in [LB_NS, CLIENT_NS] {
             let _absent = ip(&["netns", "del", ns]);
         }
+        let _absent = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        Lab::remove_leftovers();
-    }
-}
-
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _gone = std::fs::remove_file(&self.0);
+        self.remove_leftovers();
     }
 }
 
@@ -299,6 +305,43 @@ fn parse_encapsulated(frame: &[u8]) -> Option<Captured> {
     }
 }
 
+/// A new generation replaces the running one: the TCP VIP loses 10.1.0.3 and gains
+/// 10.1.0.4. Shows the swap, how many of the flows just seen move (Maglev: those of the
+/// removed backend and few others), verify, a rollback and the audit trail.
+fn replace_generation(lab: &Lab, generation: &Generation, frames: &[Captured]) -> anyhow::Result<()> {
+    println!("\n[5/6] replace the generation: 192.0.2.10:80/tcp loses 10.1.0.3 and gains 10.1.0.4");
+    let changed = EXAMPLE_CONFIG.replace("10.1.0.3", "10.1.0.4");
+    let config = Config::from_toml_str(&changed).map_err(|e| anyhow!("demo config: {e}"))?;
+    let next = Generation::build(&config)?;
+    let config_path = lab.state_dir.join("next.toml");
+    let artifact_path = lab.state_dir.join("next.bal");
+    std::fs::write(&config_path, &changed).with_context(|| format!("writing {}", config_path.display()))?;
+    let (config_arg, artifact_arg) = (config_path.display().to_string(), artifact_path.display().to_string());
+    ballast(lab, &["build", &config_arg, "-o", &artifact_arg])?;
+    ballast(lab, &["swap", &artifact_arg, "--iface", LB_IF, "--netns", LB_NS])?;
+    let removed: IpAddr = "10.1.0.3".parse()?;
+    let tcp: Vec<&Captured> = frames.iter().filter(|f| f.dport == 80 && f.dst.is_ipv4()).collect();
+    let on_removed = tcp.iter().filter(|f| f.backend == removed).count();
+    let moved_others = tcp
+        .iter()
+        .filter(|f| f.backend != removed)
+        .filter(|f| next.predict_backend(f.src, f.dst, f.sport, f.dport, f.protocol) != Some(f.backend))
+        .count();
+    println!(
+        "      of the {} TCP flows seen before, {on_removed} were on 10.1.0.3 and must move; of the other {}, {moved_others} move",
+        tcp.len(),
+        tcp.len() - on_removed
+    );
+    println!("      (the new backend takes its share from the others; with only 3 backends Maglev moves about a fifth");
+    println!("      of the rest, with 100 backends under 2%: see lb-common's Maglev tests)");
+    let unchanged = frames.iter().filter(|f| f.dport != 80).all(|f| next.predict_backend(f.src, f.dst, f.sport, f.dport, f.protocol) == generation.predict_backend(f.src, f.dst, f.sport, f.dport, f.protocol));
+    println!("      flows of the other VIPs keep their backend: {}", if unchanged { "all of them" } else { "NOT all" });
+    ballast(lab, &["verify", "--iface", LB_IF, "--netns", LB_NS])?;
+    ballast(lab, &["rollback", "--iface", LB_IF, "--netns", LB_NS])?;
+    ballast(lab, &["history", "--iface", LB_IF, "--netns", LB_NS])?;
+    Ok(())
+}
+
 /// Per VIP and backend: packets seen, their share, the backend's weight share; and whether
 /// every packet went where the reference model says.
 fn report(generation: &Generation, frames: &[Captured]) -> anyhow::Result<()> {
@@ -340,7 +383,7 @@ fn report(generation: &Generation, frames: &[Captured]) -> anyhow::Result<()> {
 
 /// Shows that the running generation cannot be edited in place: a user-space write to its
 /// VIPS map is refused by the kernel.
-fn show_frozen(_lab: &Lab) -> anyhow::Result<()> {
+fn show_frozen() -> anyhow::Result<()> {
     let status = std::thread::scope(|s| {
         s.spawn(|| {
             netns::enter(LB_NS)?;

@@ -1,0 +1,209 @@
+//! The checker: an encapsulated frame parsed with etherparse alone (never with lb-common's
+//! wire code) into fields to compare, and the same fields serialized back into exact bytes.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{bail, Context as _};
+use etherparse::{Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, SingleVlanHeader};
+
+use crate::packet::{dscp_of, ecn_of, VlanTag};
+use crate::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN};
+
+/// The outer IP header of an encapsulated frame, as parsed (or as expected).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OuterHeader {
+    V4 {
+        ihl: u8,
+        tos: u8,
+        total_len: u16,
+        identification: u16,
+        dont_fragment: bool,
+        more_fragments: bool,
+        fragment_offset: u16,
+        ttl: u8,
+        protocol: u8,
+        checksum_valid: bool,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+    },
+    V6 {
+        traffic_class: u8,
+        flow_label: u32,
+        payload_len: u16,
+        next_header: u8,
+        hop_limit: u8,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+    },
+}
+
+impl OuterHeader {
+    pub fn src(&self) -> IpAddr {
+        match self {
+            OuterHeader::V4 { src, .. } => IpAddr::V4(*src),
+            OuterHeader::V6 { src, .. } => IpAddr::V6(*src),
+        }
+    }
+
+    pub fn dst(&self) -> IpAddr {
+        match self {
+            OuterHeader::V4 { dst, .. } => IpAddr::V4(*dst),
+            OuterHeader::V6 { dst, .. } => IpAddr::V6(*dst),
+        }
+    }
+
+    /// TOS byte or traffic class.
+    pub fn tos(&self) -> u8 {
+        match self {
+            OuterHeader::V4 { tos, .. } => *tos,
+            OuterHeader::V6 { traffic_class, .. } => *traffic_class,
+        }
+    }
+
+    /// TTL or hop limit.
+    pub fn ttl(&self) -> u8 {
+        match self {
+            OuterHeader::V4 { ttl, .. } => *ttl,
+            OuterHeader::V6 { hop_limit, .. } => *hop_limit,
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            OuterHeader::V4 {
+                tos,
+                total_len,
+                identification,
+                dont_fragment,
+                more_fragments,
+                fragment_offset,
+                ttl,
+                protocol,
+                src,
+                dst,
+                ..
+            } => {
+                let mut header = Ipv4Header {
+                    dscp: dscp_of(*tos),
+                    ecn: ecn_of(*tos),
+                    total_len: *total_len,
+                    identification: *identification,
+                    dont_fragment: *dont_fragment,
+                    more_fragments: *more_fragments,
+                    fragment_offset: IpFragOffset::try_new(*fragment_offset)
+                        .unwrap_or_else(|e| panic!("fragment offset {fragment_offset}: {e}")),
+                    time_to_live: *ttl,
+                    protocol: IpNumber(*protocol),
+                    source: src.octets(),
+                    destination: dst.octets(),
+                    ..Default::default()
+                };
+                header.header_checksum = header.calc_header_checksum();
+                header.to_bytes().to_vec()
+            }
+            OuterHeader::V6 { traffic_class, flow_label, payload_len, next_header, hop_limit, src, dst } => {
+                Ipv6Header {
+                    traffic_class: *traffic_class,
+                    flow_label: Ipv6FlowLabel::try_new(*flow_label)
+                        .unwrap_or_else(|e| panic!("flow label {flow_label:#x}: {e}")),
+                    payload_length: *payload_len,
+                    next_header: IpNumber(*next_header),
+                    hop_limit: *hop_limit,
+                    source: src.octets(),
+                    destination: dst.octets(),
+                }
+                .to_bytes()
+                .to_vec()
+            }
+        }
+    }
+}
+
+/// An encapsulated frame taken apart: link layer, outer IP header, and everything after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encapsulated {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub vlan: Option<VlanTag>,
+    /// Ether type of the IP header (inside the tag, if tagged).
+    pub ether_type: u16,
+    pub outer: OuterHeader,
+    /// The bytes after the outer header: the inner IP packet (and any Ethernet padding).
+    pub inner: Vec<u8>,
+}
+
+impl Encapsulated {
+    /// Parses `frame` with etherparse alone.
+    pub fn parse(frame: &[u8]) -> anyhow::Result<Encapsulated> {
+        let (ethernet, rest) = Ethernet2Header::from_slice(frame).context("Ethernet header")?;
+        let (vlan, ether_type, rest) = if ethernet.ether_type.0 == ETHERTYPE_VLAN {
+            let (tag, rest) = SingleVlanHeader::from_slice(rest).context("802.1Q tag")?;
+            (Some(VlanTag::of(&tag)), tag.ether_type.0, rest)
+        } else {
+            (None, ethernet.ether_type.0, rest)
+        };
+        let (outer, inner) = match ether_type {
+            ETHERTYPE_IPV4 => {
+                let (ip, inner) = Ipv4Header::from_slice(rest).context("outer IPv4 header")?;
+                let outer = OuterHeader::V4 {
+                    ihl: ip.ihl(),
+                    tos: (ip.dscp.value() << 2) | ip.ecn.value(),
+                    total_len: ip.total_len,
+                    identification: ip.identification,
+                    dont_fragment: ip.dont_fragment,
+                    more_fragments: ip.more_fragments,
+                    fragment_offset: ip.fragment_offset.value(),
+                    ttl: ip.time_to_live,
+                    protocol: ip.protocol.0,
+                    checksum_valid: ip.header_checksum == ip.calc_header_checksum(),
+                    src: Ipv4Addr::from(ip.source),
+                    dst: Ipv4Addr::from(ip.destination),
+                };
+                // The reserved flag bit is not in etherparse's header: check it here.
+                if rest[6] & 0x80 != 0 {
+                    bail!("outer IPv4 header has the reserved flag bit set");
+                }
+                (outer, inner)
+            }
+            ETHERTYPE_IPV6 => {
+                let (ip, inner) = Ipv6Header::from_slice(rest).context("outer IPv6 header")?;
+                let outer = OuterHeader::V6 {
+                    traffic_class: ip.traffic_class,
+                    flow_label: ip.flow_label.value(),
+                    payload_len: ip.payload_length,
+                    next_header: ip.next_header.0,
+                    hop_limit: ip.hop_limit,
+                    src: Ipv6Addr::from(ip.source),
+                    dst: Ipv6Addr::from(ip.destination),
+                };
+                (outer, inner)
+            }
+            other => bail!("ether type {other:#06x} is not IP"),
+        };
+        Ok(Encapsulated {
+            eth_dst: ethernet.destination,
+            eth_src: ethernet.source,
+            vlan,
+            ether_type,
+            outer,
+            inner: inner.to_vec(),
+        })
+    }
+
+    /// The frame these fields describe (IPv4 checksum computed; ihl and checksum_valid are
+    /// taken to be 5 and true).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&self.eth_dst);
+        frame.extend_from_slice(&self.eth_src);
+        match self.vlan {
+            Some(tag) => {
+                frame.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
+                frame.extend_from_slice(&tag.header(self.ether_type).to_bytes());
+            }
+            None => frame.extend_from_slice(&self.ether_type.to_be_bytes()),
+        }
+        frame.extend_from_slice(&self.outer.to_bytes());
+        frame.extend_from_slice(&self.inner);
+        frame
+    }
+}
