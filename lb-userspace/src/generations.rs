@@ -22,7 +22,7 @@ use crate::{
 /// The interface a command works on, in the calling thread's network namespace.
 pub struct Target {
     pub iface: String,
-    /// `IF` or `netns-INODE/IF`: names its pins and its records.
+    /// `IF` or `netns-COOKIE/IF`: names its pins and its records.
     pub key: String,
 }
 

@@ -165,6 +165,11 @@ impl LoadedGeneration {
         self.ebpf.map(name).ok_or_else(|| anyhow!("map {name} missing from the program"))
     }
 
+    /// Every map of the generation by name: config, counters and `.rodata`.
+    pub fn maps(&self) -> impl Iterator<Item = (&str, &Map)> {
+        self.ebpf.maps()
+    }
+
     pub fn counters(&self) -> anyhow::Result<CounterSnapshot> {
         CounterSnapshot::read(|name| self.map(name))
     }

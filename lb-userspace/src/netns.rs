@@ -33,10 +33,36 @@ fn own_namespace(link: &str) -> anyhow::Result<u64> {
     Ok(std::fs::metadata(link).with_context(|| format!("reading {link}"))?.ino())
 }
 
-/// The inode of the calling thread's network namespace, or None when it is the host's.
+/// The cookie of the calling thread's network namespace, or None when it is the host's.
+/// Not the inode: the kernel hands a deleted namespace's inode number to the next one, which
+/// would then inherit the dead namespace's pins; cookies are never reused.
 pub fn current_namespace_id() -> anyhow::Result<Option<u64>> {
     let own = own_namespace("/proc/thread-self/ns/net")?;
-    Ok((own != host_namespace("net")?).then_some(own))
+    if own == host_namespace("net")? {
+        return Ok(None);
+    }
+    namespace_cookie().map(Some)
+}
+
+/// SO_NETNS_COOKIE of a socket made in the calling thread's network namespace (Linux 5.14+).
+fn namespace_cookie() -> anyhow::Result<u64> {
+    // SAFETY: plain socket(2); closed below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for SO_NETNS_COOKIE");
+    }
+    // SAFETY: fd is ours.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for getsockopt to fill.
+    let ret = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+    };
+    if ret != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE): the kernel is older than 5.14");
+    }
+    Ok(cookie)
 }
 
 /// Whether this process shares the host's mount namespace (false under `ip netns exec`,

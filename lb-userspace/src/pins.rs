@@ -1,5 +1,5 @@
 //! Where a generation's pins live in bpffs: /sys/fs/bpf/ballast/IF/ for the host's network
-//! namespace and /sys/fs/bpf/ballast/netns-INODE/IF/ for others, so namespaces that reuse
+//! namespace and /sys/fs/bpf/ballast/netns-COOKIE/IF/ for others, so namespaces that reuse
 //! interface names never collide. The pinned link keeps the program (and through it the
 //! frozen config maps) attached after the command exits; counters are pinned beside it.
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
 }
 
 /// Names `iface` in the calling thread's network namespace: `IF` in the host's,
-/// `netns-INODE/IF` elsewhere. Pins and state records are filed under it.
+/// `netns-COOKIE/IF` elsewhere. Pins and state records are filed under it.
 pub fn iface_key(iface: &str) -> anyhow::Result<String> {
     if iface.is_empty() || iface.contains('/') || iface == "." || iface == ".." {
         bail!("'{iface}' is not a valid interface name");

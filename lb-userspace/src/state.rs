@@ -4,7 +4,7 @@
 //! rollback and verify, the host parameters, the history.
 //!
 //! Layout: `generations/<hex>.bal` (content-addressed artifacts), `ifaces/<key>/record.json`
-//! and `ifaces/<key>/lock` per interface (key = the pin key: `IF` or `netns-INODE/IF`),
+//! and `ifaces/<key>/lock` per interface (key = the pin key: `IF` or `netns-COOKIE/IF`),
 //! `audit.jsonl` (append-only, one JSON object a line). Retention: each interface keeps its
 //! current generation and the [`ROLLBACK_DEPTH`] before it; artifacts no interface keeps are
 //! deleted.

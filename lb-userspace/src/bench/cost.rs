@@ -1,0 +1,269 @@
+//! Per-packet cost: the harness runs each class's frame through ballast, the baseline and
+//! `xdp_drop` (the harness's own cost, subtracted) in BPF_PROG_TEST_RUN repeat mode,
+//! interleaved run by run. ballast's counters must show that every packet took the class's
+//! path, or the bench fails.
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context as _};
+use aya::programs::Xdp;
+use lb_common::maps::{Reason, XDP_DROP, XDP_TX};
+use serde::Serialize;
+
+use super::{
+    plan::{Class, Macs},
+    programs::{Harness, HarnessCounter, Reference},
+    progress,
+    stats::Summary,
+    Deployed, Scenario, Settings,
+};
+use crate::loader::CounterSnapshot;
+
+#[derive(Serialize)]
+pub struct PacketCost {
+    /// Packets per run, and runs per figure (after one shorter warm-up run).
+    pub repeat: u32,
+    pub runs: usize,
+    pub rows: Vec<CostRow>,
+}
+
+#[derive(Serialize)]
+pub struct CostRow {
+    pub scenario: String,
+    pub class: &'static str,
+    /// A new flow every packet (source port and address from a per-CPU sequence).
+    pub new_flow: bool,
+    pub frame_bytes: usize,
+    /// ns per packet, per run: the harness tail-calling `xdp_drop`, the baseline, ballast.
+    pub harness_raw_ns: Vec<f64>,
+    pub baseline_raw_ns: Vec<f64>,
+    pub ballast_raw_ns: Vec<f64>,
+    /// The kernel's own figure (integer ns per run, harness included), as a cross-check.
+    pub ballast_kernel_ns: Vec<f64>,
+    /// Net of the harness, run by run.
+    pub harness_ns: Summary,
+    pub baseline_ns: Summary,
+    pub ballast_ns: Summary,
+    /// Medians: ballast / baseline, and ballast - baseline.
+    pub ratio: f64,
+    pub diff_ns: f64,
+    pub proof: Proof,
+    pub warnings: Vec<String>,
+}
+
+/// What ballast's counters showed over all runs of a row.
+#[derive(Clone, Debug, Serialize)]
+pub struct Proof {
+    pub packets: u64,
+    pub reason: &'static str,
+    /// Counted for the target VIP.
+    pub vip_packets: u64,
+    /// Backends that received at least one packet.
+    pub backends_hit: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Case {
+    class: Class,
+    new_flow: bool,
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases: Vec<Case> = Class::ALL.iter().map(|&class| Case { class, new_flow: false }).collect();
+    cases.push(Case { class: Class::Tcp4Syn, new_flow: true });
+    cases
+}
+
+pub fn measure(
+    settings: &Settings,
+    harness: &mut Harness,
+    reference: &Reference,
+    scenarios: &[Scenario],
+    macs: Macs,
+) -> anyhow::Result<PacketCost> {
+    let cases = cases();
+    let total = cases.len() * scenarios.len();
+    let mut rows = Vec::with_capacity(total);
+    for scenario in scenarios {
+        for case in &cases {
+            progress(&format!(
+                "packet cost {}/{total}: {}, {}{}",
+                rows.len() + 1,
+                scenario.label,
+                case.class.name(),
+                if case.new_flow { ", new flow per packet" } else { "" }
+            ));
+            let row = measure_row(settings, harness, reference, scenario, *case, macs)
+                .with_context(|| format!("packet cost of {} ({})", case.class.name(), scenario.label))?;
+            rows.push(row);
+        }
+    }
+    Ok(PacketCost { repeat: settings.repeat, runs: settings.runs, rows })
+}
+
+/// A program the harness tail-calls, and the verdict it must return.
+struct Target<'a> {
+    name: &'static str,
+    program: &'a Xdp,
+    action: u32,
+}
+
+#[derive(Default)]
+struct Series {
+    wall_ns: Vec<f64>,
+    kernel_ns: Vec<f64>,
+}
+
+fn measure_row(
+    settings: &Settings,
+    harness: &mut Harness,
+    reference: &Reference,
+    scenario: &Scenario,
+    case: Case,
+    macs: Macs,
+) -> anyhow::Result<CostRow> {
+    let deployed = scenario.for_kind(case.class.kind())?;
+    let frame = case.class.frame(&deployed.plan, macs);
+    harness.set_frame(&frame, case.new_flow, 0)?;
+    let targets = [
+        Target { name: "xdp_drop", program: reference.xdp_drop()?, action: XDP_DROP },
+        Target { name: "baseline", program: reference.baseline()?, action: XDP_TX },
+        Target { name: "ballast", program: deployed.loaded.program()?, action: case.class.expected().action() },
+    ];
+    let before = Observed::read(harness, deployed)?;
+    let mut series: [Series; 3] = Default::default();
+    let mut ballast_packets = 0u64;
+    // Round 0 is the warm-up; targets alternate within each round so drift hits all alike.
+    for round in 0..=settings.runs {
+        let repeat = if round == 0 { settings.warmup_repeat } else { settings.repeat };
+        for (target, series) in targets.iter().zip(series.iter_mut()) {
+            let (wall_ns, kernel_ns) = run_target(harness, target, repeat)?;
+            if round > 0 {
+                series.wall_ns.push(wall_ns);
+                series.kernel_ns.push(kernel_ns);
+            }
+        }
+        ballast_packets += u64::from(repeat);
+    }
+    let after = Observed::read(harness, deployed)?;
+    let proof = prove(&before, &after, deployed, case, ballast_packets)?;
+    let [harness_series, baseline_series, ballast_series] = series;
+    Ok(row(scenario, case, frame.bytes.len(), harness_series, baseline_series, ballast_series, proof))
+}
+
+/// One run of the harness into `target`: (wall-clock ns per packet, kernel ns per packet).
+fn run_target(harness: &mut Harness, target: &Target, repeat: u32) -> anyhow::Result<(f64, f64)> {
+    harness.set_target(target.program)?;
+    let start = Instant::now();
+    let run = harness.run(repeat)?;
+    let wall_ns = start.elapsed().as_nanos() as f64 / f64::from(repeat);
+    if run.action != target.action {
+        bail!("{} returned {} where {} was expected (0 is the harness's XDP_ABORTED)", target.name, run.action, target.action);
+    }
+    Ok((wall_ns, run.ns_per_packet))
+}
+
+fn row(
+    scenario: &Scenario,
+    case: Case,
+    frame_bytes: usize,
+    harness: Series,
+    baseline: Series,
+    ballast: Series,
+    proof: Proof,
+) -> CostRow {
+    let net = |raw: &[f64]| -> Vec<f64> { raw.iter().zip(&harness.wall_ns).map(|(r, h)| r - h).collect() };
+    let baseline_ns = Summary::of(&net(&baseline.wall_ns));
+    let ballast_ns = Summary::of(&net(&ballast.wall_ns));
+    let warnings = [("harness + xdp_drop", &harness.wall_ns), ("baseline", &baseline.wall_ns), ("ballast", &ballast.wall_ns)]
+        .iter()
+        .filter_map(|(what, raw)| Summary::of(raw).warning(&format!("{} / {} / {what}", scenario.label, case.class.name())))
+        .collect();
+    CostRow {
+        scenario: scenario.label.clone(),
+        class: case.class.name(),
+        new_flow: case.new_flow,
+        frame_bytes,
+        harness_ns: Summary::of(&harness.wall_ns),
+        baseline_ns,
+        ballast_ns,
+        ratio: ballast_ns.median / baseline_ns.median,
+        diff_ns: ballast_ns.median - baseline_ns.median,
+        harness_raw_ns: harness.wall_ns,
+        baseline_raw_ns: baseline.wall_ns,
+        ballast_raw_ns: ballast.wall_ns,
+        ballast_kernel_ns: ballast.kernel_ns,
+        proof,
+        warnings,
+    }
+}
+
+/// ballast's counters and the harness's failure counters at one moment.
+struct Observed {
+    ballast: CounterSnapshot,
+    harness_failures: u64,
+}
+
+impl Observed {
+    fn read(harness: &Harness, deployed: &Deployed) -> anyhow::Result<Observed> {
+        Ok(Observed {
+            ballast: deployed.loaded.counters()?,
+            harness_failures: harness.counter(HarnessCounter::RestoreFailed)?
+                + harness.counter(HarnessCounter::TailCallFailed)?,
+        })
+    }
+}
+
+/// Every packet ballast saw must have taken the class's path: counted under its reason and
+/// nothing else, for the target VIP, on one backend (fixed flow) or several (new flows).
+fn prove(before: &Observed, after: &Observed, deployed: &Deployed, case: Case, packets: u64) -> anyhow::Result<Proof> {
+    ensure!(
+        after.harness_failures == before.harness_failures,
+        "the harness failed {} times to restore the frame or to tail-call",
+        after.harness_failures - before.harness_failures
+    );
+    let reasons = delta(&after.ballast.reasons, &before.ballast.reasons);
+    let expected = case.class.expected();
+    let moved = reasons[expected as usize];
+    if moved != packets || reasons.iter().sum::<u64>() != packets {
+        let all: Vec<String> = Reason::ALL
+            .iter()
+            .zip(&reasons)
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, n)| format!("{} {n}", r.name()))
+            .collect();
+        bail!(
+            "ballast did not take the intended path: {} moved by {moved} for {packets} packets run (all reasons moved: {})",
+            expected.name(),
+            all.join(", ")
+        );
+    }
+    let packets_of = |after: &[lb_common::Counter], before: &[lb_common::Counter]| -> Vec<u64> {
+        let a: Vec<u64> = after.iter().map(|c| c.packets).collect();
+        let b: Vec<u64> = before.iter().map(|c| c.packets).collect();
+        delta(&a, &b)
+    };
+    let vips = packets_of(&after.ballast.vips, &before.ballast.vips);
+    let backends_hit = packets_of(&after.ballast.backends, &before.ballast.backends).iter().filter(|&&n| n > 0).count();
+    let vip_packets = target_vip_index(deployed, case.class)
+        .map_or(0, |index| vips.get(index).copied().unwrap_or(0));
+    let forwarded = expected == Reason::Forwarded;
+    let expected_vip_packets = if forwarded { packets } else { 0 };
+    ensure!(vip_packets == expected_vip_packets && vips.iter().sum::<u64>() == expected_vip_packets,
+        "VIP counters moved by {} in all, {vip_packets} for the target VIP; {expected_vip_packets} expected", vips.iter().sum::<u64>());
+    let backends_ok = match (forwarded, case.new_flow) {
+        (false, _) => backends_hit == 0,
+        (true, false) => backends_hit == 1,
+        (true, true) => backends_hit > 1,
+    };
+    ensure!(backends_ok, "{backends_hit} backends received packets (new flow per packet: {})", case.new_flow);
+    Ok(Proof { packets, reason: expected.name(), vip_packets, backends_hit })
+}
+
+fn target_vip_index(deployed: &Deployed, class: Class) -> Option<usize> {
+    let (address, port) = deployed.plan.target(class.kind());
+    deployed.generation.find_vip(address, port, class.kind().protocol_number()).map(|meta| meta.vip_index as usize)
+}
+
+fn delta(after: &[u64], before: &[u64]) -> Vec<u64> {
+    after.iter().zip(before).map(|(a, b)| a.wrapping_sub(*b)).collect()
+}

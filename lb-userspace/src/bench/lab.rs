@@ -1,0 +1,104 @@
+//! The bench's surroundings: a network namespace with a veth pair (removed on drop, also
+//! when the bench fails), CPU pinning and kernel memory read from fdinfo.
+use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+use crate::netns;
+
+const PREFIX: &str = "ballast-bench-";
+/// The generator's end of the veth pair, and the load balancer's.
+pub const GEN_IF: &str = "bb-gen";
+pub const LB_IF: &str = "bb-lb";
+
+/// A namespace of this process's own (`ballast-bench-PID`) holding the veth pair.
+pub struct Lab {
+    name: String,
+}
+
+impl Lab {
+    pub fn create() -> anyhow::Result<Lab> {
+        remove_stale();
+        let name = format!("{PREFIX}{}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        // From here on, dropping the guard removes the namespace and what is in it.
+        let lab = Lab { name };
+        let ns = lab.name.as_str();
+        ip(&["-n", ns, "link", "add", GEN_IF, "type", "veth", "peer", "name", LB_IF])?;
+        for dev in [GEN_IF, LB_IF, "lo"] {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        Ok(lab)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter(&self) -> anyhow::Result<()> {
+        netns::enter(&self.name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Err(err) = ip(&["netns", "del", &self.name]) {
+            eprintln!("bench: could not remove network namespace {}: {err:#}", self.name);
+        }
+    }
+}
+
+/// Namespaces left by a bench that was killed (its PID is gone).
+fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(PREFIX) else { continue };
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _gone_already = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !output.status.success() {
+        bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+/// The CPU the bench pins itself to: the last one this process may use.
+pub fn bench_cpu() -> anyhow::Result<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+    }
+    // SAFETY: CPU_ISSET reads the set filled above.
+    (0..libc::CPU_SETSIZE as usize).rev().find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).context("no CPU allowed")
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: as above; CPU_SET writes within the set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("pinning to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// The `memlock:` line of a BPF object's fdinfo: the kernel memory charged to it.
+pub fn memlock(fd: BorrowedFd<'_>) -> anyhow::Result<u64> {
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let value = info
+        .lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .with_context(|| format!("no memlock line in {path}"))?;
+    value.trim().parse().with_context(|| format!("memlock in {path}: '{}'", value.trim()))
+}
