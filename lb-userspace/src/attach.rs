@@ -11,7 +11,7 @@ use aya::programs::XdpMode;
 
 use crate::{
     artifact::{load_generation_file, Artifact},
-    generations::{audit, recover, Target},
+    generations::{audit, recover, Change, Target},
     kernel,
     loader::{HostParams, LoadedGeneration},
     netns, pins, preflight,
@@ -72,7 +72,11 @@ pub fn split_sources(sources: &[IpAddr]) -> anyhow::Result<(Option<Ipv4Addr>, Op
 /// the target network namespace. Everything that can be refused is refused before the
 /// kernel is touched; from the first pin on, a failure removes what this command pinned.
 pub fn attach(state: &StateDir, request: &AttachRequest) -> anyhow::Result<Attached> {
-    let artifact = load_generation_file(&request.generation)?;
+    attach_artifact(state, &load_generation_file(&request.generation)?, request, &Change::command("attach"))
+}
+
+/// [`attach`] with the generation already in hand (`request.generation` is not read).
+pub fn attach_artifact(state: &StateDir, artifact: &Artifact, request: &AttachRequest, change: &Change) -> anyhow::Result<Attached> {
     let gateway_mac = kernel::parse_mac(&request.gateway_mac).context("--gateway-mac")?;
     let (source_v4, source_v6) = split_sources(&request.sources)?;
     pins::ensure_bpffs()?;
@@ -94,19 +98,19 @@ pub fn attach(state: &StateDir, request: &AttachRequest) -> anyhow::Result<Attac
         );
     }
     let host = HostParams { gateway_mac, iface_mac: iface.mac, source_v4, source_v6, mtu: iface.mtu };
-    let preflight_packets = preflight::preflight(&artifact, &host)?;
+    let preflight_packets = preflight::preflight(artifact, &host)?;
     let mut record = IfaceRecord {
         current: None,
         previous: Vec::new(),
         host: HostRecord::of(&host),
         pending: Some(artifact.digest_string()),
     };
-    state.store(&artifact)?;
+    state.store(artifact)?;
     state.write_record(&target.key, &record)?;
     let created_dir = !dir.exists();
     let result = std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating {}", dir.display()))
-        .and_then(|()| load_and_attach(&artifact, &host, &dir, iface.index, request.mode));
+        .and_then(|()| load_and_attach(artifact, &host, &dir, iface.index, request.mode));
     if let Err(err) = result {
         let mut err = err;
         // Leave nothing behind: counters pinned by this attempt go with it.
@@ -116,12 +120,12 @@ pub fn attach(state: &StateDir, request: &AttachRequest) -> anyhow::Result<Attac
             }
         }
         state.remove_record(&target.key)?;
-        audit(state, &target, "attach", None, Some(artifact.digest_string()), Some(&record), Some(&err))?;
+        audit(state, &target, change, None, Some(artifact.digest_string()), Some(&record), Some(&err))?;
         return Err(err);
     }
     record.current = record.pending.take();
     state.write_record(&target.key, &record)?;
-    audit(state, &target, "attach", None, record.current.clone(), Some(&record), None)?;
+    audit(state, &target, change, None, record.current.clone(), Some(&record), None)?;
     Ok(Attached {
         pin_dir: dir,
         digest: artifact.digest_string(),
@@ -152,7 +156,7 @@ pub fn detach(state: &StateDir, iface: &str) -> anyhow::Result<PathBuf> {
     let record = state.record(&target.key)?;
     let result = pins::remove_pins(&dir, &pins::generation_pins(&dir));
     let from = record.as_ref().and_then(|r| r.current.clone());
-    audit(state, &target, "detach", from, None, record.as_ref(), result.as_ref().err())?;
+    audit(state, &target, &Change::command("detach"), from, None, record.as_ref(), result.as_ref().err())?;
     result?;
     state.remove_record(&target.key)?;
     state.collect_garbage()?;

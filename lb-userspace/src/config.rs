@@ -106,6 +106,9 @@ pub struct VipConfig {
     pub table_size: u32,
     /// In file order; at least one has a positive weight.
     pub backends: Vec<BackendConfig>,
+    /// How `ballast run` checks this VIP's backends; None: they are always taken as healthy.
+    /// Not part of the generation (it does not change forwarding).
+    pub health: Option<HealthCheck>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -113,6 +116,45 @@ pub struct Config {
     pub hash_seed: u32,
     /// In file order.
     pub vips: Vec<VipConfig>,
+    /// Settings of `ballast run`; not part of the generation.
+    pub daemon: DaemonSettings,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum HealthProbe {
+    /// A TCP connection that opens within the timeout.
+    Tcp,
+    /// An HTTP/1.0 GET of `path` answered with `expect_status`.
+    Http { path: String, expect_status: u16 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub probe: HealthProbe,
+    /// Port probed on each backend's own address (default: the VIP's port).
+    pub port: u16,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive successes that make an unhealthy backend healthy, failures the reverse.
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DaemonSettings {
+    /// Below this fraction of healthy backends a VIP fails open: it keeps its last good set.
+    pub min_healthy: f64,
+    /// Health-driven swaps happen at most this often; changes in between wait for the next.
+    pub min_swap_interval_ms: u64,
+}
+
+// min_healthy is validated finite (0.0 to 1.0), so equality is an equivalence.
+impl Eq for DaemonSettings {}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        DaemonSettings { min_healthy: 0.5, min_swap_interval_ms: 5_000 }
+    }
 }
 
 /// A refused config: `path` names the field (`vip[2].backends[5].address`), or is empty when
@@ -150,6 +192,27 @@ struct RawConfig {
     hash_seed: Option<i64>,
     #[serde(default)]
     vip: Vec<RawVip>,
+    daemon: Option<RawDaemon>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    min_healthy: Option<f64>,
+    min_swap_interval_ms: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    port: Option<i64>,
+    path: Option<String>,
+    expect_status: Option<i64>,
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    rise: Option<i64>,
+    fall: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +223,7 @@ struct RawVip {
     protocol: Option<String>,
     table_size: Option<i64>,
     backends: Option<Vec<RawBackend>>,
+    health: Option<RawHealth>,
 }
 
 #[derive(Deserialize)]
@@ -277,7 +341,65 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ),
         ));
     }
-    Ok(Config { hash_seed, vips })
+    let daemon = validate_daemon(raw.daemon)?;
+    Ok(Config { hash_seed, vips, daemon })
+}
+
+fn validate_daemon(raw: Option<RawDaemon>) -> Result<DaemonSettings, ConfigError> {
+    let defaults = DaemonSettings::default();
+    let Some(raw) = raw else { return Ok(defaults) };
+    let min_healthy = raw.min_healthy.unwrap_or(defaults.min_healthy);
+    if !(0.0..=1.0).contains(&min_healthy) {
+        return Err(ConfigError::new("daemon.min_healthy", format!("{min_healthy} is not a fraction (0.0 to 1.0)")));
+    }
+    let min_swap_interval_ms = in_range("daemon.min_swap_interval_ms", raw.min_swap_interval_ms, defaults.min_swap_interval_ms, 0, 3_600_000)?;
+    Ok(DaemonSettings { min_healthy, min_swap_interval_ms })
+}
+
+/// An optional integer field within `min..=max`, or `default` when absent.
+fn in_range(path: &str, value: Option<i64>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => u64::try_from(v)
+            .ok()
+            .filter(|v| (min..=max).contains(v))
+            .ok_or_else(|| ConfigError::new(path, format!("{v} is out of range ({min} to {max})"))),
+    }
+}
+
+fn validate_health(at: &dyn Fn(&str) -> String, raw: RawHealth, vip_port: u16) -> Result<HealthCheck, ConfigError> {
+    let probe = match raw.kind.as_deref() {
+        None | Some("tcp") => {
+            if raw.path.is_some() || raw.expect_status.is_some() {
+                return Err(ConfigError::new(at("health"), "path and expect_status go with kind = \"http\""));
+            }
+            HealthProbe::Tcp
+        }
+        Some("http") => {
+            let path = raw.path.unwrap_or_else(|| "/".to_owned());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::new(at("health.path"), format!("'{path}' is not an HTTP path (starts with /, no spaces)")));
+            }
+            let expect_status = in_range(&at("health.expect_status"), raw.expect_status, 200, 100, 599)? as u16;
+            HealthProbe::Http { path, expect_status }
+        }
+        Some(other) => return Err(ConfigError::new(at("health.kind"), format!("'{other}' is not tcp or http"))),
+    };
+    let port = match raw.port {
+        None if vip_port == 0 => {
+            return Err(ConfigError::new(at("health.port"), "missing: the VIP serves every port, so say which to probe"))
+        }
+        None => vip_port,
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| ConfigError::new(at("health.port"), format!("{p} is not a port (1 to 65535)")))?,
+    };
+    let interval_ms = in_range(&at("health.interval_ms"), raw.interval_ms, 1_000, 10, 3_600_000)?;
+    let timeout_ms = in_range(&at("health.timeout_ms"), raw.timeout_ms, interval_ms.min(1_000) / 2, 1, interval_ms)?;
+    let rise = in_range(&at("health.rise"), raw.rise, 2, 1, 100)? as u32;
+    let fall = in_range(&at("health.fall"), raw.fall, 3, 1, 100)? as u32;
+    Ok(HealthCheck { probe, port, interval_ms, timeout_ms, rise, fall })
 }
 
 fn validate_vip(i: usize, raw: RawVip) -> Result<VipConfig, ConfigError> {
@@ -337,7 +459,8 @@ fn validate_vip(i: usize, raw: RawVip) -> Result<VipConfig, ConfigError> {
     }
 
     let table_size = table_size(&at("table_size"), raw.table_size, backends.len())?;
-    Ok(VipConfig { address, port, protocol, table_size, backends })
+    let health = raw.health.map(|h| validate_health(&at, h, port)).transpose()?;
+    Ok(VipConfig { address, port, protocol, table_size, backends, health })
 }
 
 /// The explicit table size if it is usable, else the default for `backends` backends.

@@ -32,11 +32,23 @@ impl Target {
     }
 }
 
+/// What a change was and why, for the audit log.
+pub struct Change {
+    pub action: &'static str,
+    pub reason: Option<String>,
+}
+
+impl Change {
+    pub fn command(action: &'static str) -> Change {
+        Change { action, reason: None }
+    }
+}
+
 /// Appends one audit entry; `failure` is the error of a failed attempt.
 pub fn audit(
     state: &StateDir,
     target: &Target,
-    action: &str,
+    change: &Change,
     from: Option<String>,
     to: Option<String>,
     record: Option<&IfaceRecord>,
@@ -44,11 +56,12 @@ pub fn audit(
 ) -> anyhow::Result<()> {
     state.audit(&AuditEntry {
         time: state::now(),
-        action: action.to_owned(),
+        action: change.action.to_owned(),
         iface: target.key.clone(),
         from,
         to,
         host: record.map(|r| r.host.clone()),
+        reason: change.reason.clone(),
         result: failure.map_or_else(|| "ok".to_owned(), |e| format!("failed: {e:#}")),
     })
 }
@@ -76,7 +89,7 @@ pub fn recover(state: &StateDir, target: &Target) -> anyhow::Result<Option<Strin
     } else {
         state.write_record(&target.key, &record)?;
     }
-    audit(state, target, "recover", None, record.current.clone(), Some(&record), None)?;
+    audit(state, target, &Change { action: "recover", reason: Some(note.clone()) }, None, record.current.clone(), Some(&record), None)?;
     Ok(Some(note))
 }
 
@@ -89,7 +102,7 @@ pub struct Swapped {
 }
 
 /// Replaces the generation running on the target with `artifact`, atomically.
-pub fn swap(state: &StateDir, target: &Target, artifact: &Artifact, action: &str) -> anyhow::Result<Swapped> {
+pub fn swap(state: &StateDir, target: &Target, artifact: &Artifact, change: &Change) -> anyhow::Result<Swapped> {
     pins::ensure_bpffs()?;
     let _lock = state.lock(&target.key)?;
     checkpoint("locked");
@@ -134,7 +147,7 @@ pub fn swap(state: &StateDir, target: &Target, artifact: &Artifact, action: &str
         record.pending = None;
         state.write_record(&target.key, &record)?;
     }
-    audit(state, target, action, from.clone(), Some(to.clone()), Some(&record), result.as_ref().err())?;
+    audit(state, target, change, from.clone(), Some(to.clone()), Some(&record), result.as_ref().err())?;
     let preflight_packets = result?;
     state.collect_garbage()?;
     Ok(Swapped { from, to, preflight_packets, recovered })
@@ -162,7 +175,7 @@ pub fn rollback(state: &StateDir, target: &Target, to: Option<&str>) -> anyhow::
         }
     };
     let artifact = state.artifact(&digest)?;
-    swap(state, target, &artifact, "rollback")
+    swap(state, target, &artifact, &Change::command("rollback"))
 }
 
 fn kept(record: &IfaceRecord) -> String {

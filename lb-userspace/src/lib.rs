@@ -1,5 +1,6 @@
 //! ballast: an immutable eBPF/XDP layer-4 load balancer (user space).
 pub mod config;
+pub mod daemon;
 pub mod decap;
 pub mod generation;
 pub mod generations;
@@ -14,3 +15,4 @@ pub mod artifact;
 pub mod attach;
 pub mod demo;
 pub mod status;
+pub mod bench;

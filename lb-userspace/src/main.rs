@@ -8,9 +8,9 @@ use ballast::{
     artifact::{load_generation_file, Artifact},
     attach::{self, AttachMode, AttachRequest},
     config::Config,
-    decap, demo,
+    daemon, decap, demo,
     generation::{describe, Generation},
-    generations::{self, Swapped, Target},
+    generations::{self, Change, Swapped, Target},
     inspect,
     loader::EBPF_OBJECT,
     state::StateDir,
@@ -114,6 +114,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The daemon: attach (or adopt), health-check backends, swap in new generations on
+    /// health changes and config reloads (SIGHUP or file change), serve metrics.
+    Run {
+        /// The TOML config (health checks and [daemon] settings included).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        gateway_mac: String,
+        #[arg(long = "source")]
+        sources: Vec<IpAddr>,
+        #[arg(long, value_enum, default_value = "native")]
+        mode: AttachMode,
+        #[arg(long)]
+        netns: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// Detach the generation on exit (by default it stays: immutable infrastructure).
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
     /// Detach the generation running on an interface.
     Detach {
         #[arg(long)]
@@ -167,8 +190,10 @@ enum DecapAction {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // The daemon reports what it does; one-shot commands print their results instead.
+    let default_level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level)).init();
     match run(cli.state_dir.as_deref(), cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -213,7 +238,7 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
             let state = state()?;
             let artifact = load_generation_file(&generation)?;
             attach::enter_netns(netns.as_deref())?;
-            report_swap(&iface, &generations::swap(&state, &Target::new(&iface)?, &artifact, "swap")?);
+            report_swap(&iface, &generations::swap(&state, &Target::new(&iface)?, &artifact, &Change::command("swap"))?);
         }
         Command::Rollback { iface, to, netns } => {
             let state = state()?;
@@ -245,7 +270,8 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
             } else {
                 for e in &entries {
                     let short = |d: &Option<String>| d.as_deref().map_or("-".to_owned(), |d| d.chars().take(19).collect());
-                    println!("{:.3}  {:<9} {} -> {}  {}", e.time, e.action, short(&e.from), short(&e.to), e.result);
+                    let reason = e.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                    println!("{:.3}  {:<9} {} -> {}  {}{reason}", e.time, e.action, short(&e.from), short(&e.to), e.result);
                 }
             }
         }
@@ -257,6 +283,12 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
             } else {
                 print!("{}", status::render(&status));
             }
+        }
+        Command::Run { config, iface, gateway_mac, sources, mode, netns, metrics, detach_on_exit } => {
+            let state = state()?;
+            attach::enter_netns(netns.as_deref())?;
+            let attach = AttachRequest { generation: config, iface, gateway_mac, sources, mode };
+            daemon::run(state, daemon::RunOptions { attach, metrics, detach_on_exit })?;
         }
         Command::Detach { iface, netns } => {
             let state = state()?;

@@ -83,6 +83,9 @@ pub struct AuditEntry {
     pub from: Option<String>,
     pub to: Option<String>,
     pub host: Option<HostRecord>,
+    /// Why, when the change had a cause beyond an operator's command (health, reload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub result: String,
 }
 
