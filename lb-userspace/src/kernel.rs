@@ -130,22 +130,6 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mac_round_trip_and_errors() {
-        let mac = parse_mac("02:0a:FF:00:10:01").unwrap();
-        assert_eq!(format_mac(&mac), "02:0a:ff:00:10:01");
-        for bad in ["", "02:0a:ff:00:10", "02:0a:ff:00:10:01:02", "02:0a:ff:00:10:zz", "2:0a:ff:00:10:01"] {
-            let err = parse_mac(bad).unwrap_err().to_string();
-            assert!(err.contains("is not a MAC address"), "{bad}: {err}");
-        }
-    }
-}
-
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `BPF_MAP_UPDATE_BATCH`: all of `keys[i] -> values[i]` in one call.
@@ -209,4 +193,20 @@ pub fn lookup_raw(fd: BorrowedFd<'_>, key: &[u8], value_size: usize) -> anyhow::
         return Err(io::Error::last_os_error()).context("BPF_MAP_LOOKUP_ELEM");
     }
     Ok(value)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip_and_errors() {
+        let mac = parse_mac("02:0a:FF:00:10:01").unwrap();
+        assert_eq!(format_mac(&mac), "02:0a:ff:00:10:01");
+        for bad in ["", "02:0a:ff:00:10", "02:0a:ff:00:10:01:02", "02:0a:ff:00:10:zz", "2:0a:ff:00:10:01"] {
+            let err = parse_mac(bad).unwrap_err().to_string();
+            assert!(err.contains("is not a MAC address"), "{bad}: {err}");
+        }
+    }
 }

@@ -205,7 +205,7 @@ impl Daemon {
     fn apply(&mut self, cause: &'static str, reason: String) {
         let (config, failing_open) = self.desired();
         if let Ok(mut shared) = self.shared.lock() {
-            shared.fail_open = config.vips.iter().map(|v| describe(v)).map(|v| (v.clone(), failing_open.contains(&v))).collect();
+            shared.fail_open = config.vips.iter().map(describe).map(|v| (v.clone(), failing_open.contains(&v))).collect();
         }
         for vip in &failing_open {
             error!(
