@@ -49,24 +49,8 @@ enum Command {
     },
     /// Pre-flight a generation, load it frozen and attach it to an interface.
     Attach {
-        /// A TOML config or a generation artifact (`ballast build`).
-        #[arg(long, alias = "artifact")]
-        config: PathBuf,
-        /// The interface to attach to (one-arm: packets leave where they came in).
-        #[arg(long)]
-        iface: String,
-        /// MAC of the next hop that routes toward the backends (aa:bb:cc:dd:ee:ff).
-        #[arg(long)]
-        gateway_mac: String,
-        /// Fixed outer source address, one per family; without it the source is synthetic,
-        /// derived from the flow (172.16.0.0/16, 100::/64).
-        #[arg(long = "source")]
-        sources: Vec<IpAddr>,
-        #[arg(long, value_enum, default_value = "native")]
-        mode: AttachMode,
-        /// Network namespace (as in `ip netns`) of the interface.
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: AttachArgs,
     },
     /// Show the generation running on an interface, read back from the kernel.
     Status {
@@ -117,19 +101,8 @@ enum Command {
     /// The daemon: attach (or adopt), health-check backends, swap in new generations on
     /// health changes and config reloads (SIGHUP or file change), serve metrics.
     Run {
-        /// The TOML config (health checks and [daemon] settings included).
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        gateway_mac: String,
-        #[arg(long = "source")]
-        sources: Vec<IpAddr>,
-        #[arg(long, value_enum, default_value = "native")]
-        mode: AttachMode,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: AttachArgs,
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long)]
         metrics: Option<std::net::SocketAddr>,
@@ -156,6 +129,37 @@ enum Command {
     },
     /// A self-contained demo in network namespaces (needs root).
     Demo,
+}
+
+/// Where and how a generation is attached.
+#[derive(clap::Args)]
+struct AttachArgs {
+    /// A TOML config or a generation artifact (`ballast build`).
+    #[arg(long, alias = "artifact")]
+    config: PathBuf,
+    /// The interface to attach to (one-arm: packets leave where they came in).
+    #[arg(long)]
+    iface: String,
+    /// MAC of the next hop that routes toward the backends (aa:bb:cc:dd:ee:ff).
+    #[arg(long)]
+    gateway_mac: String,
+    /// Fixed outer source address, one per family; without it the source is synthetic,
+    /// derived from the flow (172.16.0.0/16, 100::/64).
+    #[arg(long = "source")]
+    sources: Vec<IpAddr>,
+    #[arg(long, value_enum, default_value = "native")]
+    mode: AttachMode,
+    /// Network namespace (as in `ip netns`) of the interface.
+    #[arg(long)]
+    netns: Option<String>,
+}
+
+impl AttachArgs {
+    /// Enters the network namespace, if any, and returns the request.
+    fn enter(self) -> anyhow::Result<AttachRequest> {
+        attach::enter_netns(self.netns.as_deref())?;
+        Ok(AttachRequest { generation: self.config, iface: self.iface, gateway_mac: self.gateway_mac, sources: self.sources, mode: self.mode })
+    }
 }
 
 #[derive(Subcommand)]
@@ -219,10 +223,9 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
                 print!("{}", inspect::render(&report));
             }
         }
-        Command::Attach { config, iface, gateway_mac, sources, mode, netns } => {
+        Command::Attach { target } => {
             let state = state()?;
-            attach::enter_netns(netns.as_deref())?;
-            let request = AttachRequest { generation: config, iface, gateway_mac, sources, mode };
+            let request = target.enter()?;
             let attached = attach::attach(&state, &request)?;
             println!(
                 "attached {} to {}: {} VIPs, {} backends, pre-flight {} packets ok; pinned in {}",
@@ -284,10 +287,9 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
                 print!("{}", status::render(&status));
             }
         }
-        Command::Run { config, iface, gateway_mac, sources, mode, netns, metrics, detach_on_exit } => {
+        Command::Run { target, metrics, detach_on_exit } => {
             let state = state()?;
-            attach::enter_netns(netns.as_deref())?;
-            let attach = AttachRequest { generation: config, iface, gateway_mac, sources, mode };
+            let attach = target.enter()?;
             daemon::run(state, daemon::RunOptions { attach, metrics, detach_on_exit })?;
         }
         Command::Detach { iface, netns } => {
