@@ -102,7 +102,7 @@ impl Artifact {
         if version != FORMAT_VERSION {
             bail!("artifact format version {version}; this ballast reads version {FORMAT_VERSION}");
         }
-        let config_json = std::str::from_utf8(reader.section("config")?).context("artifact config is not UTF-8")?;
+        let config_bytes = reader.section("config")?;
         let program = reader.section("program")?.to_vec();
         let recorded: [u8; DIGEST_LEN] = reader.array().context("artifact digest")?;
         if reader.at != bytes.len() {
@@ -110,7 +110,9 @@ impl Artifact {
         }
         // Rebuild before judging: a corrupt config may not even parse, and the digest covers
         // the tables built from it.
-        // Only the canonical rendering is accepted, so one generation has one byte form.
+        // Only the canonical rendering is accepted, so one generation has one byte form. A
+        // config that is not even text is judged like any other damage: by the digest.
+        let config_json = std::str::from_utf8(config_bytes).unwrap_or("");
         let config = Config::from_canonical_json(config_json)
             .map_err(|e| e.to_string())
             .and_then(|c| if c.to_canonical_json() == config_json { Ok(c) } else { Err("not in canonical form".to_owned()) });
@@ -148,6 +150,12 @@ pub fn load_generation_file(path: &Path) -> anyhow::Result<Artifact> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if bytes.starts_with(MAGIC) {
         return Artifact::from_bytes(&bytes).with_context(|| format!("{}", path.display()));
+    }
+    if std::str::from_utf8(&bytes).is_err() {
+        bail!(
+            "{}: neither a ballast artifact (no BALLAST magic at the start: damaged?) nor a TOML config (not text)",
+            path.display()
+        );
     }
     Artifact::build(&Config::load(path)?, crate::loader::EBPF_OBJECT)
 }
@@ -230,14 +238,14 @@ mod tests {
     #[test]
     fn every_flipped_byte_is_refused() {
         let bytes = example().to_bytes();
-        for i in 0..bytes.len() {
+        for (i, flip) in (0..bytes.len()).flat_map(|i| [(i, 0x01u8), (i, 0xff)]) {
             let mut bad = bytes.clone();
-            bad[i] ^= 0x01;
+            bad[i] ^= flip;
             let err = Artifact::from_bytes(&bad).expect_err("a flipped byte must be refused");
             let text = format!("{err:#}");
             assert!(
                 text.contains("digest mismatch") || text.contains("magic") || text.contains("version") || text.contains("truncated") || text.contains("after the artifact"),
-                "byte {i}: {text}"
+                "byte {i} ^ {flip:#x}: {text}"
             );
         }
     }

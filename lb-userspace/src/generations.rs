@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     artifact::{compute_digest, format_digest, Artifact},
     pins, preflight,
-    state::{self, checkpoint, AuditEntry, IfaceRecord, StateDir, ROLLBACK_DEPTH},
+    state::{self, checkpoint, AuditEntry, IfaceLock, IfaceRecord, StateDir, ROLLBACK_DEPTH},
     status::Running,
     loader::LoadedGeneration,
 };
@@ -103,10 +103,21 @@ pub struct Swapped {
 
 /// Replaces the generation running on the target with `artifact`, atomically.
 pub fn swap(state: &StateDir, target: &Target, artifact: &Artifact, change: &Change) -> anyhow::Result<Swapped> {
+    let (_lock, recovered) = lock_and_recover(state, target)?;
+    swap_locked(state, target, artifact, change, recovered)
+}
+
+/// Takes the interface's lock and settles what an interrupted command left.
+fn lock_and_recover(state: &StateDir, target: &Target) -> anyhow::Result<(IfaceLock, Option<String>)> {
     pins::ensure_bpffs()?;
-    let _lock = state.lock(&target.key)?;
+    let lock = state.lock(&target.key)?;
     checkpoint("locked");
     let recovered = recover(state, target)?;
+    Ok((lock, recovered))
+}
+
+/// [`swap`] for a caller that holds the lock and has settled the record.
+fn swap_locked(state: &StateDir, target: &Target, artifact: &Artifact, change: &Change, recovered: Option<String>) -> anyhow::Result<Swapped> {
     let mut record = state
         .record(&target.key)?
         .ok_or_else(|| anyhow!("nothing recorded for {}: attach a generation first (`ballast attach`)", target.iface))?;
@@ -156,6 +167,9 @@ pub fn swap(state: &StateDir, target: &Target, artifact: &Artifact, change: &Cha
 /// Swaps back to the previous generation, or to the one named by `to` (a digest or a
 /// unique prefix of one, with or without "sha256:").
 pub fn rollback(state: &StateDir, target: &Target, to: Option<&str>) -> anyhow::Result<Swapped> {
+    // The target is chosen from a settled record: "previous" must mean what ran before what
+    // runs now, also after an interrupted swap.
+    let (_lock, recovered) = lock_and_recover(state, target)?;
     let record = state.record(&target.key)?.ok_or_else(|| anyhow!("nothing recorded for {}", target.iface))?;
     let digest = match to {
         None => record.previous.first().cloned().ok_or_else(|| anyhow!("{} has no earlier generation to roll back to", target.iface))?,
@@ -175,7 +189,7 @@ pub fn rollback(state: &StateDir, target: &Target, to: Option<&str>) -> anyhow::
         }
     };
     let artifact = state.artifact(&digest)?;
-    swap(state, target, &artifact, &Change::command("rollback"))
+    swap_locked(state, target, &artifact, &Change::command("rollback"), recovered)
 }
 
 fn kept(record: &IfaceRecord) -> String {
