@@ -33,6 +33,9 @@ pub mod globals {
     pub const OUTER_SOURCE_V6: &str = "OUTER_SOURCE_V6";
     /// u32: the interface MTU (largest IP packet, outer header included).
     pub const MTU: &str = "MTU";
+    /// u32: seed and mask (slots - 1) of the VIP index.
+    pub const VIP_INDEX_SEED: &str = "VIP_INDEX_SEED";
+    pub const VIP_INDEX_MASK: &str = "VIP_INDEX_MASK";
     /// [u8; 48]: GENERATION_ID_MAGIC then the generation's SHA-256 digest, so the digest of
     /// what runs can be read back from the kernel (the program's frozen .rodata).
     pub const GENERATION_ID: &str = "GENERATION_ID";
@@ -51,7 +54,7 @@ pub const MAX_TABLE_ENTRIES: u32 = 64 * 1024 * 1024;
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
-/// Key of the VIPS hash map. `port` is network order; 0 serves every port. For each
+/// Key of a VIPS slot (`vip_index`). `port` is network order; 0 serves every port. For each
 /// (address, protocol) of the config there is also an entry with port 0: the VIP itself
 /// if it serves every port, otherwise an address marker (`VIP_FLAG_ADDRESS_ONLY`), which
 /// lets the program recognise fragments and malformed packets aimed at a VIP address.

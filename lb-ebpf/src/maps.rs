@@ -2,14 +2,17 @@
 use aya_ebpf::{
     bindings::BPF_F_RDONLY_PROG,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
     Global,
 };
-use lb_common::maps::{maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, MAX_BACKENDS, MAX_VIPS, REASON_COUNT};
+use lb_common::{
+    maps::{maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, MAX_BACKENDS, MAX_VIPS, REASON_COUNT},
+    vip_index::{self, VipSlot},
+};
 
 // Config maps: max_entries is set by the loader; read-only for this program, frozen after load.
 #[map]
-pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(1, BPF_F_RDONLY_PROG);
+pub static VIPS: Array<VipSlot> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 #[map]
@@ -41,6 +44,10 @@ pub static OUTER_SOURCE_V4: Global<u32> = Global::new(0);
 pub static OUTER_SOURCE_V6: Global<[u32; 4]> = Global::new([0; 4]);
 #[unsafe(no_mangle)]
 pub static MTU: Global<u32> = Global::new(1500);
+#[unsafe(no_mangle)]
+pub static VIP_INDEX_SEED: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+pub static VIP_INDEX_MASK: Global<u32> = Global::new(0);
 /// Never read by the program: there for user space to read back from the kernel.
 #[unsafe(no_mangle)]
 pub static GENERATION_ID: Global<[u8; lb_common::maps::GENERATION_ID_LEN]> = Global::new([0; lb_common::maps::GENERATION_ID_LEN]);
@@ -64,15 +71,19 @@ pub fn count_reason(reason: u32) {
     }
 }
 
+#[inline(always)]
+fn lookup_vip(key: &VipKey) -> Option<VipMeta> {
+    vip_index::lookup(key, VIP_INDEX_SEED.load(), VIP_INDEX_MASK.load(), |i| VIPS.get(i))
+}
+
 /// The VIP entry for (address, port, protocol), falling back to the address's every-port
 /// VIP. Address markers are not VIPs.
 #[inline(always)]
 pub fn find_vip(mut key: VipKey) -> Option<VipMeta> {
-    // SAFETY: values of a read-only map, copied out at once.
-    let mut meta = unsafe { VIPS.get(&key) }.copied();
+    let mut meta = lookup_vip(&key);
     if meta.is_none() && HAS_ANY_PORT.load() != 0 {
         key.port = 0;
-        meta = unsafe { VIPS.get(&key) }.copied();
+        meta = lookup_vip(&key);
     }
     meta.filter(|m| m.flags & lb_common::maps::VIP_FLAG_ADDRESS_ONLY == 0)
 }
@@ -82,8 +93,7 @@ pub fn find_vip(mut key: VipKey) -> Option<VipMeta> {
 #[inline(always)]
 pub fn is_vip_address(mut key: VipKey) -> bool {
     key.port = 0;
-    // SAFETY: only presence is read.
-    unsafe { VIPS.get(&key) }.is_some()
+    lookup_vip(&key).is_some()
 }
 
 /// The backend a flow hash selects in a VIP's table.

@@ -4,14 +4,14 @@
 //! File layout (little-endian): magic "BALLAST\0", format version (u32), the canonical config
 //! (u64 length + JSON), the BPF object (u64 length + ELF), then the 32-byte SHA-256 digest.
 //! The digest covers the format version, the canonical config, the tables the config builds
-//! (VIPS, BACKENDS, MAGLEV, exactly as loaded into the kernel) and the program's bytes. The
+//! (the VIPS index slots, BACKENDS, MAGLEV, exactly as loaded into the kernel) and the program's bytes. The
 //! tables are not stored: reading an artifact rebuilds them and recomputes the digest, so a
 //! flipped byte anywhere, or a table builder that changed, is a digest mismatch. Host
 //! parameters (interface, MACs, outer source) are not part of it: one artifact serves a fleet.
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _};
-use lb_common::maps::{Backend, VipKey, VipMeta};
+use lb_common::{maps::Backend, vip_index::VipSlot};
 use sha2::{Digest as _, Sha256};
 
 use crate::{config::Config, generation::Generation};
@@ -40,7 +40,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// The content the digest covers; `verify` calls it with tables read back from the kernel.
 pub fn compute_digest(
     config_json: &str,
-    vip_entries: &[(VipKey, VipMeta)],
+    vip_slots: &[VipSlot],
     backends: &[Backend],
     maglev: &[u32],
     program: &[u8],
@@ -53,9 +53,7 @@ pub fn compute_digest(
         hasher.update(bytes);
     };
     section(config_json.as_bytes());
-    let vips: Vec<u8> =
-        vip_entries.iter().flat_map(|(k, v)| bytemuck::bytes_of(k).iter().chain(bytemuck::bytes_of(v)).copied()).collect();
-    section(&vips);
+    section(bytemuck::cast_slice(vip_slots));
     section(bytemuck::cast_slice(backends));
     let maglev_le: Vec<u8> = maglev.iter().flat_map(|e| e.to_le_bytes()).collect();
     section(&maglev_le);
@@ -64,8 +62,7 @@ pub fn compute_digest(
 }
 
 fn generation_digest(generation: &Generation, program: &[u8]) -> [u8; DIGEST_LEN] {
-    let entries: Vec<(VipKey, VipMeta)> = generation.vip_entries.iter().map(|(k, v)| (*k, *v)).collect();
-    compute_digest(&generation.config.to_canonical_json(), &entries, &generation.backends, &generation.maglev, program)
+    compute_digest(&generation.config.to_canonical_json(), &generation.vip_index.slots, &generation.backends, &generation.maglev, program)
 }
 
 impl Artifact {

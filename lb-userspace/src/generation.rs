@@ -12,6 +12,7 @@ use lb_common::{
     flow::{flow_hash_v4, flow_hash_v6, table_slot},
     maglev::{build_table, MaglevBackend},
     maps::{Backend, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6, VIP_FLAG_ADDRESS_ONLY},
+    vip_index::{self, VipIndex},
 };
 
 use crate::config::{Config, VipConfig};
@@ -19,8 +20,10 @@ use crate::config::{Config, VipConfig};
 #[derive(Clone, Debug)]
 pub struct Generation {
     pub hash_seed: u32,
-    /// The VIPS map: every VIP, plus the port-0 address markers.
+    /// Every VIP, plus the port-0 address markers: what the VIPS index holds.
     pub vip_entries: BTreeMap<VipKey, VipMeta>,
+    /// The VIPS array: `vip_entries` placed in the open-addressing index.
+    pub vip_index: VipIndex,
     /// The BACKENDS array.
     pub backends: Vec<Backend>,
     /// The MAGLEV array: all VIPs' tables, back to back.
@@ -104,7 +107,9 @@ impl Generation {
                 .entry(marker)
                 .or_insert(VipMeta { table_offset: 0, table_size: 0, vip_index: 0, flags: VIP_FLAG_ADDRESS_ONLY });
         }
+        let sorted: Vec<(VipKey, VipMeta)> = vip_entries.iter().map(|(k, v)| (*k, *v)).collect();
         Ok(Generation {
+            vip_index: vip_index::build(&sorted, config.hash_seed),
             hash_seed: config.hash_seed,
             has_ipv4: config.vips.iter().any(|v| v.address.is_ipv4()),
             has_ipv6: config.vips.iter().any(|v| v.address.is_ipv6()),
@@ -180,6 +185,7 @@ mod tests {
         let total: u32 = gen.config.vips.iter().map(|v| v.table_size).sum();
         assert_eq!(gen.maglev.len(), total as usize);
         for (key, meta) in &gen.vip_entries {
+            assert_eq!(gen.vip_index.get(key), Some(*meta), "the index finds every entry");
             if meta.flags & VIP_FLAG_ADDRESS_ONLY != 0 {
                 assert_eq!(key.port, 0);
                 continue;

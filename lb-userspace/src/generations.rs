@@ -255,7 +255,7 @@ pub fn verify(state: &StateDir, target: &Target) -> anyhow::Result<Verification>
             let tables = running.tables()?;
             let digest = compute_digest(
                 &artifact.generation.config.to_canonical_json(),
-                &tables.vip_entries,
+                &tables.vip_slots,
                 &tables.backends,
                 &tables.maglev,
                 &artifact.program,

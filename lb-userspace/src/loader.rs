@@ -82,6 +82,7 @@ impl LoadedGeneration {
         let source_v6: [u32; 4] =
             host.source_v6.map(|a| crate::generation::addr_words(a.into())).unwrap_or([0; 4]);
         let chunks = maglev_chunks(&generation.maglev);
+        let vip_index_mask = generation.vip_index.mask();
         let mut loader = EbpfLoader::new();
         loader
             .override_global(globals::HASH_SEED, &generation.hash_seed, true)
@@ -94,7 +95,9 @@ impl LoadedGeneration {
             .override_global(globals::OUTER_SOURCE_V6, &source_v6, true)
             .override_global(globals::MTU, &host.mtu, true)
             .override_global(globals::GENERATION_ID, &generation_id, true)
-            .map_max_entries(MAP_VIPS, entries(generation.vip_entries.len())?)
+            .override_global(globals::VIP_INDEX_SEED, &generation.vip_index.seed, true)
+            .override_global(globals::VIP_INDEX_MASK, &vip_index_mask, true)
+            .map_max_entries(MAP_VIPS, entries(generation.vip_index.slots.len())?)
             .map_max_entries(MAP_BACKENDS, entries(generation.backends.len())?)
             .map_max_entries(MAP_MAGLEV, entries(chunks.len())?);
         if let Some(dir) = counter_pins {
@@ -104,9 +107,7 @@ impl LoadedGeneration {
         }
         let mut ebpf = loader.load(program).context("creating the generation's maps")?;
 
-        let vip_keys: Vec<_> = generation.vip_entries.keys().copied().collect();
-        let vip_values: Vec<_> = generation.vip_entries.values().copied().collect();
-        fill(&ebpf, MAP_VIPS, &vip_keys, &vip_values)?;
+        fill(&ebpf, MAP_VIPS, &indices(generation.vip_index.slots.len())?, &generation.vip_index.slots)?;
         fill(&ebpf, MAP_BACKENDS, &indices(generation.backends.len())?, &generation.backends)?;
         fill(&ebpf, MAP_MAGLEV, &indices(chunks.len())?, &chunks)?;
 

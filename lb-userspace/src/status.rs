@@ -6,13 +6,14 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Context as _};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapInfo},
+    maps::{Array, Map, MapData, MapInfo},
     programs::links::{FdLink, PinnedLink},
 };
 use lb_common::maps::{
     Backend, Counter, MaglevChunk, Reason, VipKey, VipMeta, CONFIG_MAPS, GENERATION_ID_LEN, GENERATION_ID_MAGIC,
     MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS, VIP_FLAG_ADDRESS_ONLY,
 };
+use lb_common::vip_index::VipSlot;
 use serde::Serialize;
 
 use crate::{artifact::format_digest, generation::words_addr, kernel, loader::CounterSnapshot, pins};
@@ -97,7 +98,9 @@ pub struct Running {
 
 /// The config maps' contents, as read back from the kernel.
 pub struct KernelTables {
-    /// Sorted by key, as a generation lays them out.
+    /// The VIPS index, slot by slot.
+    pub vip_slots: Vec<VipSlot>,
+    /// Its occupied slots, sorted by key.
     pub vip_entries: Vec<(VipKey, VipMeta)>,
     pub backends: Vec<Backend>,
     /// Flattened, without the padding of the last chunk.
@@ -165,16 +168,16 @@ impl Running {
     }
 
     pub fn tables(&self) -> anyhow::Result<KernelTables> {
-        let vips_map = self.map(MAP_VIPS)?;
+        let vip_slots: Vec<VipSlot> = Array::<_, VipSlot>::try_from(&self.map(MAP_VIPS)?)?.iter().collect::<Result<_, _>>()?;
         let mut vip_entries: Vec<(VipKey, VipMeta)> =
-            HashMap::<_, VipKey, VipMeta>::try_from(&vips_map)?.iter().collect::<Result<_, _>>()?;
+            vip_slots.iter().filter(|s| s.key.family != 0).map(|s| (s.key, s.meta)).collect();
         vip_entries.sort_by_key(|(k, _)| *k);
         let backends: Vec<Backend> = Array::<_, Backend>::try_from(&self.map(MAP_BACKENDS)?)?.iter().collect::<Result<_, _>>()?;
         let mut maglev: Vec<u32> =
             Array::<_, MaglevChunk>::try_from(&self.map(MAP_MAGLEV)?)?.iter().collect::<Result<Vec<_>, _>>()?.concat();
         let entries: u64 = vip_entries.iter().map(|(_, m)| m.table_size as u64).sum();
         maglev.truncate(entries as usize);
-        Ok(KernelTables { vip_entries, backends, maglev })
+        Ok(KernelTables { vip_slots, vip_entries, backends, maglev })
     }
 }
 
@@ -291,8 +294,8 @@ pub fn render(status: &Status) -> String {
 /// in-place "hotfix" would, and returns how the kernel answered (frozen maps refuse).
 pub fn try_edit_running_vips(iface: &str) -> anyhow::Result<String> {
     let mut map = Running::read(iface)?.map(MAP_VIPS)?;
-    let mut vips = HashMap::<_, VipKey, VipMeta>::try_from(&mut map)?;
-    Ok(match vips.insert(VipKey::default(), VipMeta::default(), 0) {
+    let mut vips = Array::<_, VipSlot>::try_from(&mut map)?;
+    Ok(match vips.set(0, VipSlot::default(), 0) {
         Ok(()) => "ACCEPTED (the map is not frozen!)".to_owned(),
         Err(err) => format!("refused ({:#})", anyhow::Error::from(err)),
     })

@@ -13,12 +13,13 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use ballast::config::EXAMPLE_CONFIG;
 use ballast_tests::require_root;
 use common::{run, tree, wait_until, Netns, StalePins, TempFile, PIN_ROOT, SOME_GATEWAY_MAC};
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder};
-use lb_common::maps::{Backend, MaglevChunk, VipKey, VipMeta, CONFIG_MAPS, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS};
+use lb_common::maps::{Backend, MaglevChunk, CONFIG_MAPS, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS};
+use lb_common::vip_index::VipSlot;
 
 /// The interface ballast attaches to in the single-namespace tests; its veth peer is `PEER_IF`.
 const LB_IF: &str = "lb0";
@@ -111,7 +112,7 @@ fn fdinfo_frozen(map: &MapData) -> bool {
 /// Tries to write one entry of the right type into a config map of the running generation.
 fn try_write_config_map(name: &str, map: &mut Map) -> Result<(), MapError> {
     match name {
-        MAP_VIPS => HashMap::<_, VipKey, VipMeta>::try_from(map)?.insert(VipKey::default(), VipMeta::default(), 0),
+        MAP_VIPS => Array::<_, VipSlot>::try_from(map)?.set(0, VipSlot::default(), 0),
         MAP_BACKENDS => Array::<_, Backend>::try_from(map)?.set(0, Backend::default(), 0),
         MAP_MAGLEV => Array::<_, MaglevChunk>::try_from(map)?.set(0, [0; 16], 0),
         other => panic!("unexpected config map {other}"),
