@@ -14,6 +14,7 @@ pub mod flow;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod maps;
+pub mod vip_index;
 pub mod wire;
 
 pub use maps::{Backend, Counter, Reason, VipKey, VipMeta};
