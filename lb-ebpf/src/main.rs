@@ -49,7 +49,7 @@ fn process(ctx: &XdpContext) -> Reason {
 /// if the address and protocol belong to a VIP, passed otherwise.
 #[inline(always)]
 fn refuse_if_vip(key: VipKey, why: Reason) -> Reason {
-    if is_vip_address(key) {
+    if is_vip_address(&key) {
         why
     } else {
         Reason::PassNotVip

@@ -89,11 +89,12 @@ pub fn find_vip(mut key: VipKey) -> Option<VipMeta> {
 }
 
 /// Whether some VIP listens on this address and protocol (any port): decides whether a
-/// fragment or malformed packet is "toward a VIP".
-#[inline(always)]
-pub fn is_vip_address(mut key: VipKey) -> bool {
-    key.port = 0;
-    lookup_vip(&key).is_some()
+/// fragment or malformed packet is "toward a VIP". Only rare paths ask, from several places:
+/// one out-of-line copy (a BPF-to-BPF call) instead of an inlined probe loop at each.
+#[inline(never)]
+pub fn is_vip_address(key: &VipKey) -> bool {
+    let marker = VipKey { port: 0, ..*key };
+    lookup_vip(&marker).is_some()
 }
 
 /// The backend a flow hash selects in a VIP's table.
