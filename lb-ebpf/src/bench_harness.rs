@@ -13,7 +13,7 @@
 //!   that are IPIP / IP6IP6) and drops them.
 //!
 //! The layout of `BENCH_TEMPLATE` and the counter indices are mirrored in
-//! lb-userspace/src/bench.rs.
+//! lb-userspace/src/bench/programs.rs.
 #![no_std]
 #![no_main]
 

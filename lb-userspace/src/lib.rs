@@ -14,5 +14,6 @@ pub mod state;
 pub mod artifact;
 pub mod attach;
 pub mod demo;
+pub mod lab;
 pub mod status;
 pub mod bench;

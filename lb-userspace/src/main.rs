@@ -129,6 +129,11 @@ enum Command {
     },
     /// A self-contained demo in network namespaces (needs root).
     Demo,
+    /// A lab in network namespaces: client, router, load balancers, DSR backends (needs root).
+    Lab {
+        #[command(subcommand)]
+        action: ballast::lab::LabCommand,
+    },
 }
 
 /// Where and how a generation is attached.
@@ -307,6 +312,7 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
         }
         Command::Decap { action } => run_decap(action)?,
         Command::Demo => demo::run()?,
+        Command::Lab { action } => ballast::lab::run(action)?,
     }
     Ok(())
 }

@@ -3,10 +3,16 @@
 //! - `setup`: installs what a fresh Debian 12 machine needs to build and test ballast.
 //! - `test`: setup, then build, every test and clippy; the command CI runs.
 //! - `demo`: setup, then builds and runs `ballast demo`.
+//! - `fuzz`, `soak`: setup, then the differential fuzzer's long mode and the swap soak (root).
+//! - `bench`: setup, then measures ballast (per-packet cost, forwarding rate, control plane,
+//!   kernel memory); `--quick` is the CI smoke mode.
 
+mod bench;
+mod fuzz;
 mod process;
 mod setup;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +42,22 @@ enum Task {
     },
     /// Setup, then build and run `ballast demo` (needs root).
     Demo,
+    /// Setup, then run the differential fuzzer (XDP program against the reference model) for
+    /// as many frames as asked (needs root).
+    Fuzz(fuzz::FuzzArgs),
+    /// Setup, then send continuous traffic through two namespaces with a `ballast swap` every
+    /// few seconds and report what was lost (needs root).
+    Soak(fuzz::SoakArgs),
+    /// Setup, then measure ballast: per-packet cost beside a baseline program, forwarding rate
+    /// through veth, control-plane times and kernel memory (needs root). Prints markdown tables.
+    Bench {
+        /// CI smoke mode: few, short runs (seconds), debug user-space build.
+        #[arg(long)]
+        quick: bool,
+        /// Also write every figure to this JSON file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Errors print as one line (with their causes), not anyhow's backtrace.
@@ -44,6 +66,9 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Demo => demo(),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
+        Task::Soak(args) => fuzz::soak(&args),
+        Task::Bench { quick, json } => bench::run(quick, json.as_deref()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,5 +137,14 @@ mod tests {
             Ok(Task::Test { cargo_test_args }) => assert_eq!(cargo_test_args, ["maglev", "--", "--nocapture"]),
             _ => panic!("`test -- ...` did not parse as the test task"),
         }
+    }
+
+    #[test]
+    fn bench_takes_quick_and_a_json_file() {
+        match Cli::try_parse_from(["xtask", "bench", "--quick", "--json", "out.json"]).map(|cli| cli.task) {
+            Ok(Task::Bench { quick, json }) => assert!(quick && json == Some(PathBuf::from("out.json"))),
+            _ => panic!("`bench --quick --json out.json` did not parse as the bench task"),
+        }
+        assert!(matches!(Cli::try_parse_from(["xtask", "bench"]).map(|cli| cli.task), Ok(Task::Bench { quick: false, json: None })));
     }
 }

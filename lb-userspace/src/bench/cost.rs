@@ -2,8 +2,6 @@
 //! `xdp_drop` (the harness's own cost, subtracted) in BPF_PROG_TEST_RUN repeat mode,
 //! interleaved run by run. ballast's counters must show that every packet took the class's
 //! path, or the bench fails.
-use std::time::Instant;
-
 use anyhow::{bail, ensure, Context as _};
 use aya::programs::Xdp;
 use lb_common::maps::{Reason, XDP_DROP, XDP_TX};
@@ -11,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     plan::{Class, Macs},
-    programs::{Harness, HarnessCounter, Reference},
+    programs::{run_repeat, Harness, HarnessCounter, Reference},
     progress,
     stats::Summary,
     Deployed, Scenario, Settings,
@@ -29,23 +27,28 @@ pub struct PacketCost {
 #[derive(Serialize)]
 pub struct CostRow {
     pub scenario: String,
-    pub class: &'static str,
+    /// The class, with ", new flow per packet" when it is so.
+    pub class: String,
     /// A new flow every packet (source port and address from a per-CPU sequence).
     pub new_flow: bool,
     pub frame_bytes: usize,
-    /// ns per packet, per run: the harness tail-calling `xdp_drop`, the baseline, ballast.
+    /// ns per packet, per run, as the kernel measures it (whole ns; time the thread spent
+    /// rescheduled is left out): the harness tail-calling `xdp_drop`, the baseline, ballast.
     pub harness_raw_ns: Vec<f64>,
     pub baseline_raw_ns: Vec<f64>,
     pub ballast_raw_ns: Vec<f64>,
-    /// The kernel's own figure (integer ns per run, harness included), as a cross-check.
-    pub ballast_kernel_ns: Vec<f64>,
-    /// Net of the harness, run by run.
+    /// `xdp_drop` run directly, without the harness: what running any XDP program costs here.
+    pub floor_raw_ns: Vec<f64>,
     pub harness_ns: Summary,
+    pub floor_ns: Summary,
+    /// Net of the harness, run by run: what the program's own instructions cost.
     pub baseline_ns: Summary,
     pub ballast_ns: Summary,
-    /// Medians: ballast / baseline, and ballast - baseline.
-    pub ratio: f64,
+    /// Medians: ballast - baseline; ballast / baseline (None when the baseline's net median
+    /// is under 1 ns); and the ratio of the two programs each run alone, floor included.
     pub diff_ns: f64,
+    pub ratio: Option<f64>,
+    pub standalone_ratio: f64,
     pub proof: Proof,
     pub warnings: Vec<String>,
 }
@@ -67,6 +70,16 @@ struct Case {
     new_flow: bool,
 }
 
+impl Case {
+    fn name(&self) -> String {
+        if self.new_flow {
+            format!("{}, new flow per packet", self.class.name())
+        } else {
+            self.class.name().to_owned()
+        }
+    }
+}
+
 fn cases() -> Vec<Case> {
     let mut cases: Vec<Case> = Class::ALL.iter().map(|&class| Case { class, new_flow: false }).collect();
     cases.push(Case { class: Class::Tcp4Syn, new_flow: true });
@@ -85,15 +98,9 @@ pub fn measure(
     let mut rows = Vec::with_capacity(total);
     for scenario in scenarios {
         for case in &cases {
-            progress(&format!(
-                "packet cost {}/{total}: {}, {}{}",
-                rows.len() + 1,
-                scenario.label,
-                case.class.name(),
-                if case.new_flow { ", new flow per packet" } else { "" }
-            ));
+            progress(&format!("packet cost {}/{total}: {}, {}", rows.len() + 1, scenario.label, case.name()));
             let row = measure_row(settings, harness, reference, scenario, *case, macs)
-                .with_context(|| format!("packet cost of {} ({})", case.class.name(), scenario.label))?;
+                .with_context(|| format!("packet cost of {} ({})", case.name(), scenario.label))?;
             rows.push(row);
         }
     }
@@ -107,12 +114,6 @@ struct Target<'a> {
     action: u32,
 }
 
-#[derive(Default)]
-struct Series {
-    wall_ns: Vec<f64>,
-    kernel_ns: Vec<f64>,
-}
-
 fn measure_row(
     settings: &Settings,
     harness: &mut Harness,
@@ -124,74 +125,92 @@ fn measure_row(
     let deployed = scenario.for_kind(case.class.kind())?;
     let frame = case.class.frame(&deployed.plan, macs);
     harness.set_frame(&frame, case.new_flow, 0)?;
+    // The first target must be xdp_drop: its figure is the harness's own cost.
     let targets = [
         Target { name: "xdp_drop", program: reference.xdp_drop()?, action: XDP_DROP },
         Target { name: "baseline", program: reference.baseline()?, action: XDP_TX },
         Target { name: "ballast", program: deployed.loaded.program()?, action: case.class.expected().action() },
     ];
     let before = Observed::read(harness, deployed)?;
-    let mut series: [Series; 3] = Default::default();
-    let mut ballast_packets = 0u64;
-    // Round 0 is the warm-up; targets alternate within each round so drift hits all alike.
+    let (raw, ballast_packets) = run_rounds(settings, harness, &targets, &frame.bytes)?;
+    let after = Observed::read(harness, deployed)?;
+    let proof = prove(&before, &after, deployed, case, ballast_packets)?;
+    Ok(row(scenario, case, frame.bytes.len(), raw, proof))
+}
+
+/// A warm-up round, then `settings.runs` rounds of: the harness into each target in turn
+/// (so drift hits all alike), then `xdp_drop` alone. Returns the figures and how many
+/// packets each target ran.
+fn run_rounds(settings: &Settings, harness: &mut Harness, targets: &[Target; 3], frame: &[u8]) -> anyhow::Result<(Raw, u64)> {
+    let mut series: [Vec<f64>; 3] = Default::default();
+    let mut floor = Vec::new();
+    let mut packets = 0u64;
     for round in 0..=settings.runs {
         let repeat = if round == 0 { settings.warmup_repeat } else { settings.repeat };
         for (target, series) in targets.iter().zip(series.iter_mut()) {
-            let (wall_ns, kernel_ns) = run_target(harness, target, repeat)?;
+            let ns = run_target(harness, target, repeat)?;
             if round > 0 {
-                series.wall_ns.push(wall_ns);
-                series.kernel_ns.push(kernel_ns);
+                series.push(ns);
             }
         }
-        ballast_packets += u64::from(repeat);
+        let [drop, ..] = targets;
+        let alone = run_repeat(drop.program, frame, repeat)?;
+        ensure!(alone.action == drop.action, "xdp_drop returned {}", alone.action);
+        if round > 0 {
+            floor.push(alone.ns_per_packet);
+        }
+        packets += u64::from(repeat);
     }
-    let after = Observed::read(harness, deployed)?;
-    let proof = prove(&before, &after, deployed, case, ballast_packets)?;
-    let [harness_series, baseline_series, ballast_series] = series;
-    Ok(row(scenario, case, frame.bytes.len(), harness_series, baseline_series, ballast_series, proof))
+    let [harness, baseline, ballast] = series;
+    Ok((Raw { harness, baseline, ballast, floor }, packets))
 }
 
-/// One run of the harness into `target`: (wall-clock ns per packet, kernel ns per packet).
-fn run_target(harness: &mut Harness, target: &Target, repeat: u32) -> anyhow::Result<(f64, f64)> {
+/// One run of the harness into `target`: ns per packet. Wall-clock time would count the
+/// time other processes take the CPU; the kernel's figure leaves it out.
+fn run_target(harness: &mut Harness, target: &Target, repeat: u32) -> anyhow::Result<f64> {
     harness.set_target(target.program)?;
-    let start = Instant::now();
     let run = harness.run(repeat)?;
-    let wall_ns = start.elapsed().as_nanos() as f64 / f64::from(repeat);
     if run.action != target.action {
         bail!("{} returned {} where {} was expected (0 is the harness's XDP_ABORTED)", target.name, run.action, target.action);
     }
-    Ok((wall_ns, run.ns_per_packet))
+    Ok(run.ns_per_packet)
 }
 
-fn row(
-    scenario: &Scenario,
-    case: Case,
-    frame_bytes: usize,
-    harness: Series,
-    baseline: Series,
-    ballast: Series,
-    proof: Proof,
-) -> CostRow {
-    let net = |raw: &[f64]| -> Vec<f64> { raw.iter().zip(&harness.wall_ns).map(|(r, h)| r - h).collect() };
-    let baseline_ns = Summary::of(&net(&baseline.wall_ns));
-    let ballast_ns = Summary::of(&net(&ballast.wall_ns));
-    let warnings = [("harness + xdp_drop", &harness.wall_ns), ("baseline", &baseline.wall_ns), ("ballast", &ballast.wall_ns)]
+/// The per-run figures of a row, ns per packet.
+struct Raw {
+    harness: Vec<f64>,
+    baseline: Vec<f64>,
+    ballast: Vec<f64>,
+    floor: Vec<f64>,
+}
+
+fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Proof) -> CostRow {
+    let Raw { harness, baseline, ballast, floor } = raw;
+    let net = |raw: &[f64]| -> Vec<f64> { raw.iter().zip(&harness).map(|(r, h)| r - h).collect() };
+    let baseline_ns = Summary::of(&net(&baseline));
+    let ballast_ns = Summary::of(&net(&ballast));
+    let floor_ns = Summary::of(&floor);
+    let runs = [("harness + xdp_drop", &harness), ("baseline", &baseline), ("ballast", &ballast), ("xdp_drop alone", &floor)];
+    let warnings = runs
         .iter()
-        .filter_map(|(what, raw)| Summary::of(raw).warning(&format!("{} / {} / {what}", scenario.label, case.class.name())))
+        .filter_map(|(what, raw)| Summary::of(raw).warning(&format!("{} / {} / {what}", scenario.label, case.name())))
         .collect();
     CostRow {
         scenario: scenario.label.clone(),
-        class: case.class.name(),
+        class: case.name(),
         new_flow: case.new_flow,
         frame_bytes,
-        harness_ns: Summary::of(&harness.wall_ns),
+        harness_ns: Summary::of(&harness),
+        floor_ns,
         baseline_ns,
         ballast_ns,
-        ratio: ballast_ns.median / baseline_ns.median,
         diff_ns: ballast_ns.median - baseline_ns.median,
-        harness_raw_ns: harness.wall_ns,
-        baseline_raw_ns: baseline.wall_ns,
-        ballast_raw_ns: ballast.wall_ns,
-        ballast_kernel_ns: ballast.kernel_ns,
+        ratio: (baseline_ns.median >= 1.0).then(|| ballast_ns.median / baseline_ns.median),
+        standalone_ratio: (ballast_ns.median + floor_ns.median) / (baseline_ns.median + floor_ns.median),
+        floor_raw_ns: floor,
+        harness_raw_ns: harness,
+        baseline_raw_ns: baseline,
+        ballast_raw_ns: ballast,
         proof,
         warnings,
     }

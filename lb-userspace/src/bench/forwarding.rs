@@ -45,7 +45,10 @@ pub struct ForwardRow {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ForwardRun {
+    /// Wall-clock time of the generator calls, and the part of it the kernel measured as
+    /// spent on the frames (time the thread was rescheduled left out).
     pub seconds: f64,
+    pub busy_seconds: f64,
     /// Frames the generator sent.
     pub sent: u64,
     /// Frames ballast counted (None for the baseline, which counts nothing).
@@ -53,7 +56,9 @@ pub struct ForwardRun {
     /// Frames that came back, and how many of them were IPIP / IP6IP6.
     pub received: u64,
     pub encapsulated: u64,
+    /// Received per busy second, and per wall-clock second.
     pub mpps: f64,
+    pub wall_mpps: f64,
 }
 
 /// The interfaces of the lab, seen from inside its namespace.
@@ -154,32 +159,37 @@ fn measure_run(
             reasons,
         })
     };
-    let (before, after, sent, seconds) = match target {
+    let (before, after, generated) = match target {
         Target::Baseline => {
             let _link = reference.attach_baseline(ends.lb.index).context("attaching the baseline")?;
             let before = observe(harness, None)?;
-            let (sent, seconds) = generate_for(harness, settings.forward_seconds)?;
-            (before, observe(harness, None)?, sent, seconds)
+            let generated = generate_for(harness, settings.forward_seconds)?;
+            (before, observe(harness, None)?, generated)
         }
         Target::Ballast(_) => {
             let _link = deployed.loaded.attach(ends.lb.index, XdpMode::Driver)?;
             let before = observe(harness, Some(deployed.loaded.counters()?.reasons))?;
-            let (sent, seconds) = generate_for(harness, settings.forward_seconds)?;
-            (before, observe(harness, Some(deployed.loaded.counters()?.reasons))?, sent, seconds)
+            let generated = generate_for(harness, settings.forward_seconds)?;
+            (before, observe(harness, Some(deployed.loaded.counters()?.reasons))?, generated)
         }
     };
-    check(&before, &after, sent, seconds)
+    check(&before, &after, &generated)
 }
 
-/// Runs the generator for about `seconds`; returns (frames sent, seconds taken), then lets
-/// the last frames land.
-fn generate_for(harness: &Harness, seconds: f64) -> anyhow::Result<(u64, f64)> {
+struct Generated {
+    sent: u64,
+    seconds: f64,
+    busy_seconds: f64,
+}
+
+/// Runs the generator for about `seconds`, then lets the last frames land.
+fn generate_for(harness: &Harness, seconds: f64) -> anyhow::Result<Generated> {
     let start = Instant::now();
-    let mut sent = 0u64;
+    let (mut sent, mut busy_ns) = (0u64, 0.0);
     let mut chunk = 20_000u32;
     while start.elapsed().as_secs_f64() < seconds {
         let call = Instant::now();
-        harness.generate(chunk, BATCH)?;
+        busy_ns += harness.generate(chunk, BATCH)? * f64::from(chunk);
         sent += u64::from(chunk);
         let per_frame = call.elapsed().as_secs_f64() / f64::from(chunk);
         let remaining = seconds - start.elapsed().as_secs_f64();
@@ -187,11 +197,12 @@ fn generate_for(harness: &Harness, seconds: f64) -> anyhow::Result<(u64, f64)> {
     }
     let seconds = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(20));
-    Ok((sent, seconds))
+    Ok(Generated { sent, seconds, busy_seconds: busy_ns / 1e9 })
 }
 
 /// The frames must have come back, and ballast must have forwarded every frame it saw.
-fn check(before: &Observed, after: &Observed, sent: u64, seconds: f64) -> anyhow::Result<ForwardRun> {
+fn check(before: &Observed, after: &Observed, generated: &Generated) -> anyhow::Result<ForwardRun> {
+    let Generated { sent, seconds, busy_seconds } = *generated;
     let received = after.received - before.received;
     let encapsulated = after.encapsulated - before.encapsulated;
     ensure!(received > 0, "none of the {sent} frames sent came back through the veth pair");
@@ -212,5 +223,14 @@ fn check(before: &Observed, after: &Observed, sent: u64, seconds: f64) -> anyhow
             None
         }
     };
-    Ok(ForwardRun { seconds, sent, at_lb, received, encapsulated, mpps: received as f64 / seconds / 1e6 })
+    Ok(ForwardRun {
+        seconds,
+        busy_seconds,
+        sent,
+        at_lb,
+        received,
+        encapsulated,
+        mpps: received as f64 / busy_seconds / 1e6,
+        wall_mpps: received as f64 / seconds / 1e6,
+    })
 }

@@ -24,6 +24,7 @@ impl Lab {
         ip(&["netns", "add", &name])?;
         // From here on, dropping the guard removes the namespace and what is in it.
         let lab = Lab { name };
+        lab.in_namespace(disable_ipv6)?;
         let ns = lab.name.as_str();
         ip(&["-n", ns, "link", "add", GEN_IF, "type", "veth", "peer", "name", LB_IF])?;
         for dev in [GEN_IF, LB_IF, "lo"] {
@@ -40,6 +41,29 @@ impl Lab {
     pub fn enter(&self) -> anyhow::Result<()> {
         netns::enter(&self.name)
     }
+
+    /// Runs `work` in a thread inside the namespace.
+    fn in_namespace(&self, work: fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter()?;
+                work()
+            })
+            .join()
+        })
+        .map_err(|_| anyhow::anyhow!("a thread in the bench namespace panicked"))?
+    }
+}
+
+/// No IPv6 on the lab's interfaces: the stack's own neighbour discovery and MLD frames would
+/// otherwise reach the counting sink beside the measured ones. (Sysctls under /proc/sys/net
+/// are those of the opening thread's namespace.)
+fn disable_ipv6() -> anyhow::Result<()> {
+    for scope in ["all", "default"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{scope}/disable_ipv6");
+        std::fs::write(&path, "1").with_context(|| format!("writing {path}"))?;
+    }
+    Ok(())
 }
 
 impl Drop for Lab {
@@ -90,6 +114,12 @@ pub fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("pinning to CPU {cpu}"));
     }
     Ok(())
+}
+
+/// The 1-minute load average (0 when unreadable): other work on the host skews figures.
+pub fn load_average() -> f64 {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 /// The `memlock:` line of a BPF object's fdinfo: the kernel memory charged to it.

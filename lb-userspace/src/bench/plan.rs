@@ -9,7 +9,6 @@ use lb_common::{
     maps::Reason,
     wire::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HEADER_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_DONT_FRAGMENT},
 };
-use serde::Serialize;
 
 pub const HASH_SEED: u32 = 0x5eed;
 /// The explicit table size of the many-VIP generations (a prime; 8 backends need 800).
@@ -26,7 +25,7 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 /// The kinds of VIP the classes need.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VipKind {
     Tcp4,
     Udp4,
@@ -41,6 +40,14 @@ impl VipKind {
             VipKind::Tcp4 => 80,
             VipKind::Udp4 => 53,
             VipKind::Tcp6 => 443,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            VipKind::Tcp4 => "IPv4/TCP",
+            VipKind::Udp4 => "IPv4/UDP",
+            VipKind::Tcp6 => "IPv6/TCP",
         }
     }
 
@@ -72,7 +79,7 @@ impl VipKind {
 }
 
 /// A generation to build: how many VIPs of each kind, backends per VIP, table size.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug)]
 pub struct VipPlan {
     pub tcp4: usize,
     pub udp4: usize,
@@ -105,6 +112,16 @@ impl VipPlan {
             backends_per_vip,
             table_size: Some(SMALL_TABLE),
         }
+    }
+
+    /// "256 IPv4/TCP, 128 IPv4/UDP, 128 IPv6/TCP".
+    pub fn mix(&self) -> String {
+        let parts: Vec<String> = VipKind::ALL
+            .iter()
+            .filter(|&&kind| self.has(kind))
+            .map(|&kind| format!("{} {}", self.count(kind), kind.name()))
+            .collect();
+        parts.join(", ")
     }
 
     pub fn vips(&self) -> usize {
@@ -164,7 +181,7 @@ fn backend_address(v4: bool, n: usize) -> IpAddr {
 }
 
 /// The packet classes measured.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     Tcp4Syn,
     Tcp4Ack,
