@@ -1,9 +1,8 @@
 //! Types and algorithms shared by the XDP program and user space.
 //!
 //! Everything here is `no_std` so the kernel side can use it; the `user` feature adds the
-//! allocating Maglev table builder and `aya::Pod` impls. The flow hash, the table slot
-//! reduction and the Maglev builder are also the reference model the tests compare the
-//! kernel against.
+//! allocating Maglev table builder, `aya::Pod` impls and [`model`], the reference model of the
+//! XDP program's decision that the tests compare the kernel against.
 #![no_std]
 
 #[cfg(feature = "user")]
@@ -15,6 +14,8 @@ pub mod flow;
 pub mod maglev;
 pub mod maps;
 pub mod vip_index;
+#[cfg(feature = "user")]
+pub mod model;
 pub mod wire;
 
 pub use maps::{Backend, Counter, Reason, VipKey, VipMeta};

@@ -11,11 +11,16 @@ use std::fmt::Write as _;
 
 use ballast::loader::HostParams;
 
+pub mod differential;
 mod encapsulated;
+pub mod fuzz_frames;
 mod harness;
 pub mod mutate;
 mod packet;
+pub mod regressions;
+pub mod scenarios;
 
+pub use differential::{Case, Differential, Divergence};
 pub use encapsulated::{Encapsulated, OuterHeader};
 pub use harness::{synthetic_source_v4, synthetic_source_v6, CounterDelta, Harness, Verdict};
 pub use mutate::*;
