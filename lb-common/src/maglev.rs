@@ -66,8 +66,11 @@ fn permutation(addr: &[u32; 4], seed: u32, size: u32) -> (u64, u64) {
 }
 
 /// Builds a table of `size` entries (prime, at least 2), each the index of a backend in
-/// `backends`. Returns None when no backend has a positive weight.
+/// `backends`. Returns None when no backend has a positive weight or the size is below 2.
 pub fn build_table(backends: &[MaglevBackend], size: u32, seed: u32) -> Option<Vec<u32>> {
+    if size < 2 {
+        return None;
+    }
     let max_weight = backends.iter().map(|b| b.weight).max().filter(|&w| w > 0)? as u64;
     let size64 = size as u64;
     let perms: Vec<(u64, u64)> = backends.iter().map(|b| permutation(&b.addr, seed, size)).collect();
@@ -160,6 +163,8 @@ mod tests {
         let t = build_table(&b, 1021, 3).unwrap_or_default();
         assert!(!t.contains(&1));
         assert_eq!(build_table(&backends(3, |_| 0), 1021, 3), None);
+        assert_eq!(build_table(&backends(3, |_| 1), 0, 3), None);
+        assert_eq!(build_table(&backends(3, |_| 1), 1, 3), None);
     }
 
     #[test]

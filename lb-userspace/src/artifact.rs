@@ -38,6 +38,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// The content the digest covers; `verify` calls it with tables read back from the kernel.
+/// Counter slots are host state (`counter_slots`): they are hashed as zero.
 pub fn compute_digest(
     config_json: &str,
     vip_slots: &[VipSlot],
@@ -53,8 +54,13 @@ pub fn compute_digest(
         hasher.update(bytes);
     };
     section(config_json.as_bytes());
-    section(bytemuck::cast_slice(vip_slots));
-    section(bytemuck::cast_slice(backends));
+    let vip_slots: Vec<VipSlot> = vip_slots
+        .iter()
+        .map(|s| VipSlot { meta: lb_common::VipMeta { vip_index: 0, ..s.meta }, ..*s })
+        .collect();
+    section(bytemuck::cast_slice(&vip_slots));
+    let backends: Vec<Backend> = backends.iter().map(|b| Backend { counter_index: 0, ..*b }).collect();
+    section(bytemuck::cast_slice(&backends));
     let maglev_le: Vec<u8> = maglev.iter().flat_map(|e| e.to_le_bytes()).collect();
     section(&maglev_le);
     section(program);

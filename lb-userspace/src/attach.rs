@@ -11,6 +11,8 @@ use aya::programs::XdpMode;
 
 use crate::{
     artifact::{load_generation_file, Artifact},
+    counter_slots::{Assignment, CounterSlots},
+    generation::Generation,
     generations::{audit, recover, Change, Target},
     kernel,
     loader::{HostParams, LoadedGeneration},
@@ -99,18 +101,25 @@ pub fn attach_artifact(state: &StateDir, artifact: &Artifact, request: &AttachRe
     }
     let host = HostParams { gateway_mac, iface_mac: iface.mac, source_v4, source_v6, mtu: iface.mtu };
     let preflight_packets = preflight::preflight(artifact, &host)?;
+    // A fresh interface: every identity gets a slot, zeroed in counter maps a crashed
+    // attempt may have left pinned.
+    let assignment = Assignment::new(&CounterSlots::default(), &artifact.generation)?;
+    let placed = assignment.apply(&artifact.generation)?;
     let mut record = IfaceRecord {
         current: None,
         previous: Vec::new(),
         host: HostRecord::of(&host),
         pending: Some(artifact.digest_string()),
+        counter_slots: CounterSlots::default(),
+        pending_counter_slots: Some(assignment.slots.clone()),
     };
     state.store(artifact)?;
     state.write_record(&target.key, &record)?;
     let created_dir = !dir.exists();
     let result = std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating {}", dir.display()))
-        .and_then(|()| load_and_attach(artifact, &host, &dir, iface.index, request.mode));
+        .and_then(|()| assignment.zero_fresh_slots(&dir))
+        .and_then(|()| load_and_attach(artifact, &placed, &host, &dir, iface.index, request.mode));
     if let Err(err) = result {
         let mut err = err;
         // Leave nothing behind: counters pinned by this attempt go with it.
@@ -124,6 +133,7 @@ pub fn attach_artifact(state: &StateDir, artifact: &Artifact, request: &AttachRe
         return Err(err);
     }
     record.current = record.pending.take();
+    record.counter_slots = record.pending_counter_slots.take().unwrap_or_default();
     state.write_record(&target.key, &record)?;
     audit(state, &target, change, None, record.current.clone(), Some(&record), None)?;
     Ok(Attached {
@@ -135,8 +145,8 @@ pub fn attach_artifact(state: &StateDir, artifact: &Artifact, request: &AttachRe
     })
 }
 
-fn load_and_attach(artifact: &Artifact, host: &HostParams, dir: &Path, if_index: u32, mode: AttachMode) -> anyhow::Result<()> {
-    let mut loaded = LoadedGeneration::load_artifact(artifact, host, Some(dir))?;
+fn load_and_attach(artifact: &Artifact, placed: &Generation, host: &HostParams, dir: &Path, if_index: u32, mode: AttachMode) -> anyhow::Result<()> {
+    let mut loaded = LoadedGeneration::load_placed(artifact, placed, host, Some(dir))?;
     let link = loaded.attach(if_index, mode.xdp_mode())?;
     // The pin is what keeps the link, and so the program, alive after this process exits.
     link.pin(pins::link_pin(dir)).context("pinning the XDP link")?;

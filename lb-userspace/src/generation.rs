@@ -87,7 +87,7 @@ impl Generation {
                 .map(|b| MaglevBackend { addr: addr_words(b.address), weight: b.weight })
                 .collect();
             let table = build_table(&maglev_backends, vip.table_size, config.hash_seed)
-                .ok_or_else(|| anyhow!("vip {}: no backend with a positive weight", describe(vip)))?;
+                .ok_or_else(|| anyhow!("vip {}: no Maglev table (a backend needs a positive weight, the size must be a prime of at least 2)", describe(vip)))?;
             let meta = VipMeta {
                 table_offset: u32::try_from(maglev.len()).context("tables too large")?,
                 table_size: vip.table_size,

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::{
     artifact::{compute_digest, format_digest, Artifact},
+    counter_slots::Assignment,
     pins, preflight,
     state::{self, checkpoint, AuditEntry, IfaceLock, IfaceRecord, StateDir, ROLLBACK_DEPTH},
     status::Running,
@@ -75,7 +76,11 @@ pub fn recover(state: &StateDir, target: &Target) -> anyhow::Result<Option<Strin
         Ok(running) => running.digest.map(|d| format_digest(&d)),
         Err(_) => None,
     };
+    let pending_slots = record.pending_counter_slots.take();
     let note = if running.as_deref() == Some(pending.as_str()) {
+        if let Some(slots) = pending_slots {
+            record.counter_slots = slots;
+        }
         if let Some(old) = record.current.replace(pending.clone()) {
             record.previous.insert(0, old);
             record.previous.truncate(ROLLBACK_DEPTH);
@@ -132,16 +137,22 @@ fn swap_locked(state: &StateDir, target: &Target, artifact: &Artifact, change: &
         let host = record.host.params()?;
         let preflight_packets = preflight::preflight(artifact, &host)?;
         checkpoint("preflight");
-        let mut loaded = LoadedGeneration::load_artifact(artifact, &host, Some(&dir))?;
+        // Identities keep their counter slots; new ones get slots neither generation uses,
+        // zeroed before the new program can count into them.
+        let assignment = Assignment::new(&record.counter_slots, &artifact.generation)?;
+        assignment.zero_fresh_slots(&dir)?;
+        let mut loaded = LoadedGeneration::load_placed(artifact, &assignment.apply(&artifact.generation)?, &host, Some(&dir))?;
         checkpoint("loaded");
         state.store(artifact)?;
         record.pending = Some(to.clone());
+        record.pending_counter_slots = Some(assignment.slots.clone());
         state.write_record(&target.key, &record)?;
         checkpoint("intent-written");
         let link = FdLink::from(PinnedLink::from_pin(&link_path).context("opening the pinned link")?);
         loaded.replace_on(link)?;
         checkpoint("link-updated");
         record.pending = None;
+        record.counter_slots = record.pending_counter_slots.take().unwrap_or_default();
         if let Some(old) = record.current.replace(to.clone()) {
             if old != to {
                 record.previous.retain(|d| *d != to);
@@ -156,6 +167,7 @@ fn swap_locked(state: &StateDir, target: &Target, artifact: &Artifact, change: &
     if result.is_err() && record.pending.is_some() {
         // The switch did not happen (it is the last fallible kernel step): drop the intent.
         record.pending = None;
+        record.pending_counter_slots = None;
         state.write_record(&target.key, &record)?;
     }
     audit(state, target, change, from.clone(), Some(to.clone()), Some(&record), result.as_ref().err())?;

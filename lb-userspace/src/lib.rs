@@ -1,5 +1,6 @@
 //! ballast: an immutable eBPF/XDP layer-4 load balancer (user space).
 pub mod config;
+pub mod counter_slots;
 pub mod daemon;
 pub mod decap;
 pub mod generation;

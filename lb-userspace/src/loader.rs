@@ -57,8 +57,14 @@ impl LoadedGeneration {
 
     /// Loads an artifact: its own program, its digest readable from the kernel afterwards.
     pub fn load_artifact(artifact: &Artifact, host: &HostParams, counter_pins: Option<&Path>) -> anyhow::Result<Self> {
-        let constants = Constants::of(&artifact.generation);
-        Self::load_object(&artifact.generation, &artifact.program, &artifact.digest, host, counter_pins, &constants)
+        Self::load_placed(artifact, &artifact.generation, host, counter_pins)
+    }
+
+    /// Loads an artifact's program with `placed`: the artifact's generation with this host's
+    /// counter slots (`counter_slots::Assignment::apply`).
+    pub fn load_placed(artifact: &Artifact, placed: &Generation, host: &HostParams, counter_pins: Option<&Path>) -> anyhow::Result<Self> {
+        let constants = Constants::of(placed);
+        Self::load_object(placed, &artifact.program, &artifact.digest, host, counter_pins, &constants)
     }
 
     /// Like [`Self::load`] but with the verifier's view of the generation's constants given

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     artifact::{hex, write_atomically, Artifact},
+    counter_slots::CounterSlots,
     kernel,
     loader::HostParams,
 };
@@ -72,6 +73,12 @@ pub struct IfaceRecord {
     /// Set while a swap is under way: the generation it installs. A command that finds it
     /// set after a crash asks the kernel which generation runs and settles the record.
     pub pending: Option<String>,
+    /// Where the current generation's VIPs and backends count (host state, see counter_slots).
+    #[serde(default)]
+    pub counter_slots: CounterSlots,
+    /// The pending generation's slots, settled with `pending`.
+    #[serde(default)]
+    pub pending_counter_slots: Option<CounterSlots>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -506,3 +506,63 @@ fn decap_delivers_ipip_to_a_local_socket() {
     assert_eq!(from, (SENDER_ADDR, CLIENT_PORT).into());
     assert_eq!(backend.decap_counters(BACKEND_IF).get("decapsulated"), Some(&1));
 }
+
+/// A UDP VIP 192.0.2.10:53 with these backends.
+fn dns_config(tag: &str, backends: &[&str]) -> TempFile {
+    let list: Vec<String> = backends.iter().map(|b| format!("{{ address = \"{b}\" }}")).collect();
+    let text = format!(
+        "hash_seed = 7\n[[vip]]\naddress = \"192.0.2.10\"\nport = 53\nprotocol = \"udp\"\ntable_size = 1021\nbackends = [ {} ]\n",
+        list.join(", ")
+    );
+    TempFile::new(tag, &text)
+}
+
+fn send_dns_queries(client: &Netns, source_ports: u64) {
+    client.inside(|| {
+        for _ in 0..source_ports {
+            let socket = UdpSocket::bind((CLIENT_ADDR, 0)).unwrap();
+            socket.send_to(b"query", DNS_VIP_ADDR).unwrap();
+        }
+    });
+}
+
+fn packets_by_backend(status: &common::RunningStatus) -> std::collections::BTreeMap<String, u64> {
+    let vip = status.vip(DNS_VIP);
+    vip["backends"].as_array().unwrap().iter().map(|b| (b["address"].as_str().unwrap().to_owned(), status.number(&b["packets"]))).collect()
+}
+
+#[test]
+fn counters_follow_their_backend_across_a_swap() {
+    if !require_root("counters_follow_their_backend_across_a_swap") {
+        return;
+    }
+    let lb = Netns::create("ctl");
+    let client = Netns::create("ctc");
+    lb.add_veth(LB_IF, Some(&format!("{LB_ADDR}/24")), &client, CLIENT_IF, Some(&format!("{CLIENT_ADDR}/24")));
+    client.ip(&["route", "add", "192.0.2.0/24", "via", LB_ADDR]);
+    client.ballast(&["decap", "attach", "--iface", CLIENT_IF, "--address", "192.0.2.250"]).expect_success();
+    lb.attach(LB_IF, &dns_config("ct1", &["10.2.0.1", "10.2.0.2", "10.2.0.3"]), &client.mac(CLIENT_IF)).expect_success();
+    send_dns_queries(&client, 300);
+    assert!(wait_until(Duration::from_secs(3), || lb.status(LB_IF).reason("forwarded") >= 300));
+    let before = packets_by_backend(&lb.status(LB_IF));
+    assert!(before.values().all(|n| *n > 0), "{before:?}");
+
+    // 10.2.0.1 leaves and 10.2.0.4 arrives: the survivors' positions in the generation shift,
+    // their counters must not.
+    let next = dns_config("ct2", &["10.2.0.2", "10.2.0.3", "10.2.0.4"]);
+    lb.ballast(&["swap", next.arg(), "--iface", LB_IF]).expect_success();
+    let after = packets_by_backend(&lb.status(LB_IF));
+    for survivor in ["10.2.0.2", "10.2.0.3"] {
+        assert_eq!(after[survivor], before[survivor], "{survivor} lost or gained counts in the swap: {before:?} -> {after:?}");
+    }
+    assert_eq!(after["10.2.0.4"], 0, "a new backend starts from zero: {after:?}");
+    assert_eq!(lb.status(LB_IF).number(&lb.status(LB_IF).vip(DNS_VIP)["packets"]), 300, "the VIP counter carries over");
+
+    send_dns_queries(&client, 300);
+    assert!(wait_until(Duration::from_secs(3), || lb.status(LB_IF).reason("forwarded") >= 600));
+    let status = lb.status(LB_IF);
+    let last = packets_by_backend(&status);
+    assert_eq!(status.number(&status.vip(DNS_VIP)["packets"]), 600);
+    assert_eq!(last.values().sum::<u64>() + before["10.2.0.1"], 600, "{last:?}");
+    assert!(last["10.2.0.4"] > 0, "{last:?}");
+}

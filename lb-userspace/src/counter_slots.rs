@@ -1,0 +1,155 @@
+//! Counter slots: where each VIP and each (VIP, backend) counts in the pinned per-CPU counter
+//! maps. They are host state, not generation content: the counters outlive every swap, so an
+//! identity keeps its slot from one generation to the next, whatever else was added or
+//! removed, and a slot new to an identity starts from zero. The generation's digest is taken
+//! with the slots zeroed, so the same artifact has the same digest on every host.
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{anyhow, Context as _};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use lb_common::maps::{Counter, MAP_BACKEND_COUNTERS, MAP_VIP_COUNTERS, MAX_BACKENDS, MAX_VIPS, VIP_FLAG_ADDRESS_ONLY};
+use serde::{Deserialize, Serialize};
+
+use crate::generation::{describe, Generation};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterSlots {
+    /// VIP ("192.0.2.10:80/tcp") -> slot in VIP_COUNTERS.
+    pub vips: BTreeMap<String, u32>,
+    /// "VIP backend" -> slot in BACKEND_COUNTERS.
+    pub backends: BTreeMap<String, u32>,
+}
+
+fn backend_identity(vip: &str, backend: &std::net::IpAddr) -> String {
+    format!("{vip} {backend}")
+}
+
+/// Keeps `previous` slots for identities still present; gives new identities the lowest slots
+/// used neither before nor now. Returns the slots and those new slots (to zero before use).
+fn allocate(previous: &BTreeMap<String, u32>, wanted: &[String], limit: u32) -> anyhow::Result<(BTreeMap<String, u32>, Vec<u32>)> {
+    let mut taken: BTreeSet<u32> = previous.values().copied().collect();
+    let mut slots = BTreeMap::new();
+    let mut fresh = Vec::new();
+    let mut next = 0u32;
+    for identity in wanted {
+        if let Some(&slot) = previous.get(identity) {
+            slots.insert(identity.clone(), slot);
+            continue;
+        }
+        while taken.contains(&next) {
+            next += 1;
+        }
+        if next >= limit {
+            return Err(anyhow!("no free counter slot for {identity} (at most {limit})"));
+        }
+        taken.insert(next);
+        slots.insert(identity.clone(), next);
+        fresh.push(next);
+    }
+    Ok((slots, fresh))
+}
+
+/// Slots for `generation` on an interface whose running generation used `previous`.
+pub struct Assignment {
+    pub slots: CounterSlots,
+    fresh_vips: Vec<u32>,
+    fresh_backends: Vec<u32>,
+}
+
+impl Assignment {
+    pub fn new(previous: &CounterSlots, generation: &Generation) -> anyhow::Result<Assignment> {
+        let vips: Vec<String> = generation.config.vips.iter().map(describe).collect();
+        let backends: Vec<String> = generation
+            .config
+            .vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(move |b| backend_identity(&describe(v), &b.address)))
+            .collect();
+        let (vip_slots, fresh_vips) = allocate(&previous.vips, &vips, MAX_VIPS)?;
+        let (backend_slots, fresh_backends) = allocate(&previous.backends, &backends, MAX_BACKENDS)?;
+        Ok(Assignment { slots: CounterSlots { vips: vip_slots, backends: backend_slots }, fresh_vips, fresh_backends })
+    }
+
+    /// `generation` with its counter indices set to these slots.
+    pub fn apply(&self, generation: &Generation) -> anyhow::Result<Generation> {
+        let mut placed = generation.clone();
+        let slot_of = |map: &BTreeMap<String, u32>, identity: &str| {
+            map.get(identity).copied().ok_or_else(|| anyhow!("no counter slot for {identity}"))
+        };
+        let mut vip_slot_by_index = Vec::new();
+        let mut first_backend = 0usize;
+        for vip in &generation.config.vips {
+            let name = describe(vip);
+            vip_slot_by_index.push(slot_of(&self.slots.vips, &name)?);
+            for (i, backend) in vip.backends.iter().enumerate() {
+                let entry = placed.backends.get_mut(first_backend + i).ok_or_else(|| anyhow!("backend table shorter than the config"))?;
+                entry.counter_index = slot_of(&self.slots.backends, &backend_identity(&name, &backend.address))?;
+            }
+            first_backend += vip.backends.len();
+        }
+        let counter_slot = |meta: &mut lb_common::maps::VipMeta| {
+            if meta.flags & VIP_FLAG_ADDRESS_ONLY == 0 {
+                meta.vip_index = vip_slot_by_index.get(meta.vip_index as usize).copied().unwrap_or(0);
+            }
+        };
+        placed.vip_entries.values_mut().for_each(counter_slot);
+        placed.vip_index.slots.iter_mut().filter(|s| s.key.family != 0).for_each(|s| counter_slot(&mut s.meta));
+        Ok(placed)
+    }
+
+    /// Zeroes the slots new to their identity in the pinned counter maps of `dir`, if any: a
+    /// slot may hold the counts of an identity long gone.
+    pub fn zero_fresh_slots(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        for (name, fresh) in [(MAP_VIP_COUNTERS, &self.fresh_vips), (MAP_BACKEND_COUNTERS, &self.fresh_backends)] {
+            let path = dir.join(name);
+            if !path.exists() || fresh.is_empty() {
+                continue;
+            }
+            let mut map = Map::from_map_data(MapData::from_pin(&path).with_context(|| format!("{}", path.display()))?)?;
+            let mut counters = PerCpuArray::<_, Counter>::try_from(&mut map)?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
+            for slot in fresh {
+                let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus])?;
+                counters.set(*slot, zeros, 0).with_context(|| format!("zeroing {name}[{slot}]"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn generation(backends: &[&str]) -> Generation {
+        let list: Vec<String> = backends.iter().map(|b| format!("{{ address = \"{b}\" }}")).collect();
+        let text = format!(
+            "hash_seed = 1\n[[vip]]\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 1021\nbackends = [ {} ]\n",
+            list.join(", ")
+        );
+        Generation::build(&Config::from_toml_str(&text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn identities_keep_their_slots_across_generations() {
+        let first = Assignment::new(&CounterSlots::default(), &generation(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])).unwrap();
+        assert_eq!(first.fresh_backends, vec![0, 1, 2]);
+        // 10.1.0.1 leaves, 10.1.0.4 arrives: sorted positions shift, slots do not.
+        let next_gen = generation(&["10.1.0.2", "10.1.0.3", "10.1.0.4"]);
+        let next = Assignment::new(&first.slots, &next_gen).unwrap();
+        let slot = |a: &Assignment, b: &str| a.slots.backends[&format!("192.0.2.10:80/tcp {b}")];
+        assert_eq!(slot(&next, "10.1.0.2"), slot(&first, "10.1.0.2"));
+        assert_eq!(slot(&next, "10.1.0.3"), slot(&first, "10.1.0.3"));
+        assert_eq!(slot(&next, "10.1.0.4"), 3, "not the slot 10.1.0.1 still counts in until the switch");
+        assert_eq!(next.fresh_backends, vec![3]);
+        let placed = next.apply(&next_gen).unwrap();
+        let counter_of = |addr: &str| {
+            let i = next_gen.config.vips[0].backends.iter().position(|b| b.address.to_string() == addr).unwrap();
+            placed.backends[i].counter_index
+        };
+        assert_eq!(counter_of("10.1.0.2"), 1);
+        assert_eq!(counter_of("10.1.0.4"), 3);
+    }
+}
