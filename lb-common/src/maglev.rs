@@ -72,35 +72,44 @@ pub fn build_table(backends: &[MaglevBackend], size: u32, seed: u32) -> Option<V
         return None;
     }
     let max_weight = backends.iter().map(|b| b.weight).max().filter(|&w| w > 0)? as u64;
-    let size64 = size as u64;
-    let perms: Vec<(u64, u64)> = backends.iter().map(|b| permutation(&b.addr, seed, size)).collect();
-    let mut next = vec![0u64; backends.len()];
+    // Each backend's position in its permutation, advanced by `skip` modulo `size` with a
+    // subtraction rather than a division per probe.
+    let mut cursor: Vec<(u32, u32)> = backends.iter().map(|b| permutation(&b.addr, seed, size)).map(|(o, s)| (o as u32, s as u32)).collect();
     let mut credit = vec![0u64; backends.len()];
     let mut table = vec![u32::MAX; size as usize];
-    let mut filled = 0u64;
-    while filled < size64 {
+    let mut filled = 0u32;
+    while filled < size {
         for (i, b) in backends.iter().enumerate() {
             credit[i] += b.weight as u64;
             while credit[i] >= max_weight {
                 credit[i] -= max_weight;
-                let (offset, skip) = perms[i];
                 // Walk the permutation to this backend's next free entry; the table has one
                 // because filled < size, and a permutation of a prime size visits every entry.
-                let mut slot = ((offset + next[i] * skip) % size64) as usize;
-                while table[slot] != u32::MAX {
-                    next[i] += 1;
-                    slot = ((offset + next[i] * skip) % size64) as usize;
+                let (slot, skip) = &mut cursor[i];
+                while table[*slot as usize] != u32::MAX {
+                    *slot = advance(*slot, *skip, size);
                 }
-                table[slot] = i as u32;
-                next[i] += 1;
+                table[*slot as usize] = i as u32;
+                *slot = advance(*slot, *skip, size);
                 filled += 1;
-                if filled == size64 {
+                if filled == size {
                     return Some(table);
                 }
             }
         }
     }
     Some(table)
+}
+
+/// (slot + skip) mod size, for slot and skip below size.
+#[inline]
+fn advance(slot: u32, skip: u32, size: u32) -> u32 {
+    let next = slot as u64 + skip as u64;
+    if next >= size as u64 {
+        (next - size as u64) as u32
+    } else {
+        next as u32
+    }
 }
 
 #[cfg(test)]
