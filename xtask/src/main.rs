@@ -1,7 +1,7 @@
 //! Project tasks, run as `cargo xtask <task>` (aliased in `.cargo/config.toml`).
 //!
 //! - `setup`: installs what a fresh Debian 12 machine needs to build and test ballast.
-//! - `test`: setup, then build, every test and clippy; the command CI runs.
+//! - `test`: setup, then build, every test, the benchmark's smoke mode and clippy; the command CI runs.
 //! - `demo`: setup, then builds and runs `ballast demo`.
 //! - `fuzz`, `soak`: setup, then the differential fuzzer's long mode and the swap soak (root).
 //! - `bench`: setup, then measures ballast (per-packet cost, forwarding rate, control plane,
@@ -34,7 +34,7 @@ enum Task {
     /// Install everything a fresh Debian 12 machine needs (apt packages, nightly with rust-src,
     /// bpf-linker, bpffs); quick when already done.
     Setup,
-    /// Setup, then build the workspace, run every test and clippy with warnings denied.
+    /// Setup, then build the workspace, run every test, the benchmark's smoke mode and clippy with warnings denied.
     Test {
         /// Arguments for `cargo test`, e.g. a test name filter.
         #[arg(last = true)]
@@ -96,7 +96,13 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     let mut clippy = cargo_on_host_crates("clippy")?;
     clippy.args(["--all-targets", "--", "-D", "warnings"]);
 
-    let outcomes = [("tests", process::run(&mut cargo_test)), ("clippy", process::run(&mut clippy))];
+    let outcomes = [
+        ("tests", process::run(&mut cargo_test)),
+        // The benchmark is not a test (no timing is asserted), but its smoke mode runs every
+        // measurement path once so that it cannot rot.
+        ("bench smoke", bench::run(true, None)),
+        ("clippy", process::run(&mut clippy)),
+    ];
     summarise(&outcomes)
 }
 
