@@ -8,13 +8,13 @@ const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
 
 #[inline(always)]
-pub(crate) fn mix(h: u32, k: u32) -> u32 {
+fn mix(h: u32, k: u32) -> u32 {
     let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
     (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
-pub(crate) fn finish(h: u32, words: u32) -> u32 {
+fn finish(h: u32, words: u32) -> u32 {
     let mut h = h ^ (words * 4);
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);

@@ -25,9 +25,10 @@ pub mod globals {
     /// u8: 1 when some VIP serves every port of its address (port 0), so a second lookup is
     /// worth doing on a miss.
     pub const HAS_ANY_PORT: &str = "HAS_ANY_PORT";
-    /// [u8; 6]: destination MAC of encapsulated packets, and the interface's own MAC.
-    pub const GATEWAY_MAC: &str = "GATEWAY_MAC";
-    pub const IFACE_MAC: &str = "IFACE_MAC";
+    /// [u32; 3]: the Ethernet addresses of encapsulated packets as they go on the wire:
+    /// destination (the gateway's MAC) then source (the interface's), written as three words
+    /// (see [`super::eth_address_words`]).
+    pub const ETH_ADDRESSES: &str = "ETH_ADDRESSES";
     /// u32 / [u32; 4], network order: fixed outer source; all zero means synthetic.
     pub const OUTER_SOURCE_V4: &str = "OUTER_SOURCE_V4";
     pub const OUTER_SOURCE_V6: &str = "OUTER_SOURCE_V6";
@@ -41,6 +42,17 @@ pub mod globals {
     pub const GENERATION_ID: &str = "GENERATION_ID";
 }
 
+/// The ETH_ADDRESSES words for a gateway and an interface MAC.
+pub fn eth_address_words(gateway: [u8; 6], iface: [u8; 6]) -> [u32; 3] {
+    let g = gateway;
+    let i = iface;
+    [
+        u32::from_ne_bytes([g[0], g[1], g[2], g[3]]),
+        u32::from_ne_bytes([g[4], g[5], i[0], i[1]]),
+        u32::from_ne_bytes([i[2], i[3], i[4], i[5]]),
+    ]
+}
+
 pub const GENERATION_ID_MAGIC: [u8; 16] = *b"ballast-gen-id:\0";
 pub const GENERATION_ID_LEN: usize = 48;
 
@@ -48,6 +60,10 @@ pub const GENERATION_ID_LEN: usize = 48;
 pub const MAX_VIPS: u32 = 4096;
 /// Backends over all VIPs (each VIP's backends are entries of their own).
 pub const MAX_BACKENDS: u32 = 16384;
+/// Counter slots: twice the limits, so that a swap to an entirely new set still finds slots
+/// that neither the running nor the new generation counts in (`counter_slots` in user space).
+pub const VIP_COUNTER_SLOTS: u32 = 2 * MAX_VIPS;
+pub const BACKEND_COUNTER_SLOTS: u32 = 2 * MAX_BACKENDS;
 /// Maglev entries over all VIPs (4 bytes each: 256 MiB of kernel memory at the limit).
 pub const MAX_TABLE_ENTRIES: u32 = 64 * 1024 * 1024;
 

@@ -3,7 +3,6 @@
 //! lookup (jhash, bucket walk, memcmp: the largest single cost of a packet). The builder
 //! guarantees every key sits within `MAX_PROBES` slots of its home slot; an empty slot ends
 //! a search (keys are never removed: a generation is immutable).
-use crate::flow::{finish, mix};
 use crate::maps::{VipKey, VipMeta};
 use bytemuck::{Pod, Zeroable};
 
@@ -18,13 +17,15 @@ pub struct VipSlot {
     pub meta: VipMeta,
 }
 
-/// Home slot hash of a key. The address words are folded first: VIP placement is chosen by
-/// the operator's config, not by traffic, so this needs speed more than strength.
+/// Home slot hash of a key: two multiplies and a shift. VIP placement is chosen by the
+/// operator's config, not by traffic, and the builder checks every key's probe distance, so
+/// this needs speed more than strength.
 #[inline(always)]
 pub fn slot_hash(seed: u32, key: &VipKey) -> u32 {
     let folded = key.addr[0] ^ key.addr[1] ^ key.addr[2] ^ key.addr[3];
     let rest = key.port as u32 | (key.protocol as u32) << 16 | (key.family as u32) << 24;
-    finish(mix(mix(seed, folded), rest), 2)
+    let x = (folded ^ seed).wrapping_mul(0x9e37_79b1) ^ rest.wrapping_mul(0x85eb_ca77);
+    x ^ (x >> 15)
 }
 
 /// Looks `key` up in `slots` (a power-of-two table, `mask` = len - 1) through `slot`, which

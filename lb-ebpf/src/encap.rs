@@ -5,7 +5,7 @@ use lb_common::wire::{EthHdr, VlanHdr, ETH_HEADER_LEN};
 
 use lb_ebpf::parse::{ptr_at, L2};
 
-use crate::maps::{GATEWAY_MAC, IFACE_MAC};
+use crate::maps::ETH_ADDRESSES;
 
 /// Prepends `outer` between the link layer and the IP packet. False if the kernel refused the
 /// headroom or the new frame fails the bounds check.
@@ -17,9 +17,12 @@ pub fn push_outer<T>(ctx: &XdpContext, l2: &L2, outer: &T) -> bool {
         return false;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return false };
-    let eth_header = EthHdr { dst: GATEWAY_MAC.load(), src: IFACE_MAC.load(), ether_type: l2.eth.ether_type };
-    // SAFETY: every write below is to a bounds-checked pointer into the packet.
-    unsafe { *eth = eth_header };
+    // SAFETY: every write below is to a bounds-checked pointer into the packet. The two MAC
+    // addresses go as three word stores (byte arrays would be twelve byte moves).
+    unsafe {
+        *(eth as *mut [u32; 3]) = ETH_ADDRESSES.load();
+        (*eth).ether_type = l2.eth.ether_type;
+    }
     let mut offset = ETH_HEADER_LEN;
     if let Some(vlan) = l2.vlan {
         let Some(tag) = ptr_at::<VlanHdr>(ctx, offset) else { return false };

@@ -6,7 +6,7 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
-    maps::{maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, MAX_BACKENDS, MAX_VIPS, REASON_COUNT},
+    maps::{maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, BACKEND_COUNTER_SLOTS, REASON_COUNT, VIP_COUNTER_SLOTS},
     vip_index::{self, VipSlot},
 };
 
@@ -20,9 +20,9 @@ pub static MAGLEV: Array<MaglevChunk> = Array::with_max_entries(1, BPF_F_RDONLY_
 
 // State: counters, sized to the limits so they can outlive a generation.
 #[map]
-pub static VIP_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+pub static VIP_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VIP_COUNTER_SLOTS, 0);
 #[map]
-pub static BACKEND_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_COUNTER_SLOTS, 0);
 #[map]
 pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
 
@@ -35,9 +35,7 @@ pub static HAS_IPV6: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]
 pub static HAS_ANY_PORT: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]
-pub static GATEWAY_MAC: Global<[u8; 6]> = Global::new([0; 6]);
-#[unsafe(no_mangle)]
-pub static IFACE_MAC: Global<[u8; 6]> = Global::new([0; 6]);
+pub static ETH_ADDRESSES: Global<[u32; 3]> = Global::new([0; 3]);
 #[unsafe(no_mangle)]
 pub static OUTER_SOURCE_V4: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, Context as _};
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
-use lb_common::maps::{Counter, MAP_BACKEND_COUNTERS, MAP_VIP_COUNTERS, MAX_BACKENDS, MAX_VIPS, VIP_FLAG_ADDRESS_ONLY};
+use lb_common::maps::{Counter, BACKEND_COUNTER_SLOTS, MAP_BACKEND_COUNTERS, MAP_VIP_COUNTERS, VIP_COUNTER_SLOTS, VIP_FLAG_ADDRESS_ONLY};
 use serde::{Deserialize, Serialize};
 
 use crate::generation::{describe, Generation};
@@ -65,8 +65,8 @@ impl Assignment {
             .iter()
             .flat_map(|v| v.backends.iter().map(move |b| backend_identity(&describe(v), &b.address)))
             .collect();
-        let (vip_slots, fresh_vips) = allocate(&previous.vips, &vips, MAX_VIPS)?;
-        let (backend_slots, fresh_backends) = allocate(&previous.backends, &backends, MAX_BACKENDS)?;
+        let (vip_slots, fresh_vips) = allocate(&previous.vips, &vips, VIP_COUNTER_SLOTS)?;
+        let (backend_slots, fresh_backends) = allocate(&previous.backends, &backends, BACKEND_COUNTER_SLOTS)?;
         Ok(Assignment { slots: CounterSlots { vips: vip_slots, backends: backend_slots }, fresh_vips, fresh_backends })
     }
 

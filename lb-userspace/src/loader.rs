@@ -89,14 +89,14 @@ impl LoadedGeneration {
             host.source_v6.map(|a| crate::generation::addr_words(a.into())).unwrap_or([0; 4]);
         let chunks = maglev_chunks(&generation.maglev);
         let vip_index_mask = generation.vip_index.mask();
+        let eth_addresses = lb_common::maps::eth_address_words(host.gateway_mac, host.iface_mac);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(globals::HASH_SEED, &generation.hash_seed, true)
             .override_global(globals::HAS_IPV4, &constants.has_ipv4, true)
             .override_global(globals::HAS_IPV6, &constants.has_ipv6, true)
             .override_global(globals::HAS_ANY_PORT, &constants.has_any_port, true)
-            .override_global(globals::GATEWAY_MAC, &host.gateway_mac, true)
-            .override_global(globals::IFACE_MAC, &host.iface_mac, true)
+            .override_global(globals::ETH_ADDRESSES, &eth_addresses, true)
             .override_global(globals::OUTER_SOURCE_V4, &source_v4, true)
             .override_global(globals::OUTER_SOURCE_V6, &source_v6, true)
             .override_global(globals::MTU, &host.mtu, true)
