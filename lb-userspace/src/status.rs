@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, Context as _};
+use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::{Array, Map, MapData, MapInfo},
     programs::links::{FdLink, PinnedLink},
@@ -88,6 +88,9 @@ fn kernel_name(name: &str) -> &str {
 
 /// What runs on an interface, as the kernel reports it.
 pub struct Running {
+    /// Held open while this is read: a swap meanwhile must not free the program, and with it
+    /// the maps whose ids were read.
+    _program: aya::programs::ProgramFd,
     pub pin_dir: PathBuf,
     pub link_id: u32,
     pub program: ProgramStatus,
@@ -118,11 +121,21 @@ impl Running {
             PinnedLink::from_pin(&link_path)
                 .with_context(|| format!("no ballast generation runs on {iface} (no pin at {})", link_path.display()))?,
         );
-        let link_info = link.info().context("link info")?;
-        let program = aya::programs::loaded_programs()
-            .filter_map(Result::ok)
-            .find(|p| p.id() == link_info.program_id())
-            .ok_or_else(|| anyhow!("program {} of link {} not found", link_info.program_id(), link_info.id()))?;
+        // A swap can replace the link's program between reading its id and opening it: read
+        // the link again then.
+        let mut attempts = 0;
+        let (link_info, program, program_fd) = loop {
+            let link_info = link.info().context("link info")?;
+            let opened = aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .find(|p| p.id() == link_info.program_id())
+                .and_then(|p| p.fd().ok().map(|fd| (p, fd)));
+            match opened {
+                Some((program, fd)) => break (link_info, program, fd),
+                None if attempts < 5 => attempts += 1,
+                None => bail!("program {} of link {} not found", link_info.program_id(), link_info.id()),
+            }
+        };
         let mut maps = Vec::new();
         let mut digest = None;
         for id in program.map_ids().context("program map ids")?.unwrap_or_default() {
@@ -143,6 +156,7 @@ impl Running {
             });
         }
         Ok(Running {
+            _program: program_fd,
             pin_dir: dir,
             link_id: link_info.id(),
             program: ProgramStatus {

@@ -221,6 +221,10 @@ impl Daemon {
         });
         if let Err(err) = result {
             error!("{cause} ({reason}): the running generation stays: {err:#}");
+            if cause == "health" {
+                // Health has not stopped being true: try again at the next allowed swap.
+                self.pending_health.push(reason);
+            }
         }
     }
 

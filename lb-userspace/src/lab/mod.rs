@@ -36,7 +36,7 @@ use anyhow::{anyhow, bail, Context as _};
 pub use cli::{run, status, LabCommand};
 pub use client::{by_backend, failures, flows, Flow, Load, Reply, UDP_TIMEOUT};
 pub use command::in_netns;
-pub use serve::{serve, ServeArgs};
+pub use serve::{serve, ServeArgs, HEALTH_PATH};
 pub use teardown::{down, Teardown};
 use teardown::{lab_namespaces, teardown};
 
@@ -52,6 +52,9 @@ pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 53;
+/// Where every backend's server answers HTTP health checks ([`HEALTH_PATH`]), on the
+/// backend's own addresses (not the VIPs).
+pub const HEALTH_PORT: u16 = 8080;
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
 pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
 pub const CLIENT_IFACE: &str = "eth0";
@@ -122,6 +125,11 @@ pub fn config(backends: &[(usize, u32)]) -> String {
 
 /// [`config`] with each VIP's own backends.
 pub fn config_by_vip(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u32)>) -> String {
+    config_with(backends_of, "")
+}
+
+/// [`config_by_vip`] with `vip_lines` (TOML, e.g. `health = { ... }`) added to every VIP.
+pub fn config_with(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u32)>, vip_lines: &str) -> String {
     let mut toml = format!("# ballast lab generation: the lab's VIPs; backend bN is 10.1.0.N and fd00:1::N.\nhash_seed = {HASH_SEED:#x}\n");
     for (protocol, vip) in vips() {
         let entries: Vec<String> = backends_of(protocol, vip)
@@ -133,7 +141,7 @@ pub fn config_by_vip(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u
             .collect();
         let _infallible = write!(
             toml,
-            "\n[[vip]]\naddress = \"{}\"\nport = {}\nprotocol = \"{}\"\nbackends = [\n{}\n]\n",
+            "\n[[vip]]\naddress = \"{}\"\nport = {}\nprotocol = \"{}\"\nbackends = [\n{}\n]\n{vip_lines}",
             vip.ip(),
             vip.port(),
             protocol.name(),
@@ -307,6 +315,51 @@ impl Lab {
     /// `ballast args` with the lab's state directory; its stdout.
     pub fn ballast(&self, args: &[&str]) -> anyhow::Result<String> {
         self.ballast.run(args)
+    }
+
+    /// A `ballast args` command with the lab's state directory, to spawn (e.g. `ballast run`).
+    pub fn ballast_command(&self, args: &[&str]) -> std::process::Command {
+        self.ballast.command(args)
+    }
+
+    /// The state directory of the lab's generations (`BALLAST_STATE_DIR` of its commands).
+    pub fn state_dir(&self) -> &Path {
+        &self.ballast.state_dir
+    }
+
+    /// Ends the server of backend `i` (started by `up` or [`Lab::start_server`]) and waits
+    /// until it is gone: the backend stops answering, health checks included.
+    pub fn stop_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let label = backend_label(i);
+        let Some(at) = self.record.servers.iter().position(|s| s.backend == label) else {
+            bail!("backend {label} has no server running");
+        };
+        let server = self.record.servers.remove(at);
+        match self.children.iter().position(|c| c.id() == server.pid) {
+            Some(at) => {
+                // Ours: end and reap it (it may have ended already).
+                let mut child = self.children.remove(at);
+                let _already_ended = child.kill();
+                child.wait().with_context(|| format!("reaping the server of {label} (pid {})", server.pid))?;
+            }
+            None => {
+                server.stop()?;
+            }
+        }
+        self.record.save()
+    }
+
+    /// Starts the server of backend `i` again (after [`Lab::stop_server`]) and waits until it
+    /// listens.
+    pub fn start_server(&mut self, i: usize) -> anyhow::Result<()> {
+        if !(1..=self.spec.backends).contains(&i) {
+            bail!("the lab has no backend {i}");
+        }
+        let label = backend_label(i);
+        if self.record.servers.iter().any(|s| s.backend == label) {
+            bail!("backend {label} already has a server");
+        }
+        self.spawn_server(i)
     }
 
     /// Writes a file into the run directory; its path.

@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context as _};
 
 use super::command::{exec_in, ip_in};
-use super::{backend_v4, backend_v6, lb_v4, lb_v6, record, Lab, Role, BACKEND_IFACE, CLIENT_IFACE, LB_IFACE, TCP_PORT, UDP_PORT, VIP_V4, VIP_V6};
+use super::{
+    backend_v4, backend_v6, lb_v4, lb_v6, record, Lab, Role, BACKEND_IFACE, CLIENT_IFACE, HEALTH_PORT, LB_IFACE, TCP_PORT, UDP_PORT, VIP_V4,
+    VIP_V6,
+};
 use crate::lab::serve::READY;
 
 /// Inside the lab, links toward load balancers and backends carry the outer header on top of
@@ -146,17 +149,25 @@ impl Lab {
         add_address(&ns, "lo", &format!("{VIP_V4}/32"))?;
         add_address(&ns, "lo", &format!("{VIP_V6}/128"))?;
         self.ballast.run(&["decap", "attach", "--iface", BACKEND_IFACE, "--netns", &ns])?;
-        self.start_server(i, &ns)
+        self.spawn_server(i)
     }
 
-    /// Spawns `ballast lab serve` for backend `i`, records it, and waits until it listens.
-    fn start_server(&mut self, i: usize, ns: &str) -> anyhow::Result<()> {
-        let name = super::backend_label(i);
+    /// Spawns `ballast lab serve` for backend `i`, records it, and waits until it listens:
+    /// on the VIPs for clients, on the backend's own addresses for health checks.
+    pub(super) fn spawn_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let (name, ns) = (super::backend_label(i), self.namespace(Role::Backend(i)));
         let log_path = self.dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        // Appended to: a restarted server keeps its predecessors' lines.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
         let (tcp4, tcp6, udp4) = (format!("{VIP_V4}:{TCP_PORT}"), format!("[{VIP_V6}]:{TCP_PORT}"), format!("{VIP_V4}:{UDP_PORT}"));
+        let (http4, http6) = (format!("{}:{HEALTH_PORT}", backend_v4(i)), format!("[{}]:{HEALTH_PORT}", backend_v6(i)));
         let mut child = Command::new(&self.ballast.binary)
-            .args(["lab", "serve", "--netns", ns, "--name", &name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4])
+            .args(["lab", "serve", "--netns", &ns, "--name", &name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4])
+            .args(["--http", &http4, "--http", &http6])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
