@@ -54,10 +54,8 @@ enum Command {
     },
     /// Show the generation running on an interface, read back from the kernel.
     Status {
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: IfaceArgs,
         #[arg(long)]
         json: bool,
     },
@@ -65,36 +63,28 @@ enum Command {
     Swap {
         /// A generation artifact or a TOML config.
         generation: PathBuf,
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: IfaceArgs,
     },
     /// Return atomically to the previous generation, or to the one named.
     Rollback {
-        #[arg(long)]
-        iface: String,
+        #[command(flatten)]
+        target: IfaceArgs,
         /// A kept generation's digest, or a unique prefix of it.
         #[arg(long)]
         to: Option<String>,
-        #[arg(long)]
-        netns: Option<String>,
     },
     /// Check what runs against the record: digests, map contents, frozen maps. Exit 0 only if all holds.
     Verify {
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: IfaceArgs,
         #[arg(long)]
         json: bool,
     },
     /// The audit trail of an interface.
     History {
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: IfaceArgs,
         #[arg(long)]
         json: bool,
     },
@@ -112,10 +102,8 @@ enum Command {
     },
     /// Detach the generation running on an interface.
     Detach {
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: IfaceArgs,
     },
     /// Validate a config and show the generation it builds, without touching the kernel.
     Check {
@@ -136,15 +124,32 @@ enum Command {
     },
 }
 
+/// The interface a command acts on.
+#[derive(clap::Args)]
+struct IfaceArgs {
+    #[arg(long)]
+    iface: String,
+    /// Network namespace (as in `ip netns`) of the interface.
+    #[arg(long)]
+    netns: Option<String>,
+}
+
+impl IfaceArgs {
+    /// Enters the network namespace, if any, and returns the interface name.
+    fn enter(self) -> anyhow::Result<String> {
+        attach::enter_netns(self.netns.as_deref())?;
+        Ok(self.iface)
+    }
+}
+
 /// Where and how a generation is attached.
 #[derive(clap::Args)]
 struct AttachArgs {
     /// A TOML config or a generation artifact (`ballast build`).
     #[arg(long, alias = "artifact")]
     config: PathBuf,
-    /// The interface to attach to (one-arm: packets leave where they came in).
-    #[arg(long)]
-    iface: String,
+    #[command(flatten)]
+    target: IfaceArgs,
     /// MAC of the next hop that routes toward the backends (aa:bb:cc:dd:ee:ff).
     #[arg(long)]
     gateway_mac: String,
@@ -154,16 +159,13 @@ struct AttachArgs {
     sources: Vec<IpAddr>,
     #[arg(long, value_enum, default_value = "native")]
     mode: AttachMode,
-    /// Network namespace (as in `ip netns`) of the interface.
-    #[arg(long)]
-    netns: Option<String>,
 }
 
 impl AttachArgs {
     /// Enters the network namespace, if any, and returns the request.
     fn enter(self) -> anyhow::Result<AttachRequest> {
-        attach::enter_netns(self.netns.as_deref())?;
-        Ok(AttachRequest { generation: self.config, iface: self.iface, gateway_mac: self.gateway_mac, sources: self.sources, mode: self.mode })
+        let iface = self.target.enter()?;
+        Ok(AttachRequest { generation: self.config, iface, gateway_mac: self.gateway_mac, sources: self.sources, mode: self.mode })
     }
 }
 
@@ -171,30 +173,24 @@ impl AttachArgs {
 enum DecapAction {
     /// Attach the decapsulator to an interface.
     Attach {
-        #[arg(long)]
-        iface: String,
+        #[command(flatten)]
+        target: IfaceArgs,
         /// Decapsulate packets to this address (repeatable); default: the interface's own
         /// addresses (not loopback or link-local).
         #[arg(long = "address")]
         addresses: Vec<IpAddr>,
         #[arg(long, value_enum, default_value = "native")]
         mode: AttachMode,
-        #[arg(long)]
-        netns: Option<String>,
     },
     /// Detach the decapsulator from an interface.
     Detach {
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: IfaceArgs,
     },
     /// Show the decapsulator's counters on an interface.
     Status {
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        netns: Option<String>,
+        #[command(flatten)]
+        target: IfaceArgs,
     },
 }
 
@@ -242,20 +238,20 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
                 attached.pin_dir.display()
             );
         }
-        Command::Swap { generation, iface, netns } => {
+        Command::Swap { generation, target } => {
             let state = state()?;
             let artifact = load_generation_file(&generation)?;
-            attach::enter_netns(netns.as_deref())?;
+            let iface = target.enter()?;
             report_swap(&iface, &generations::swap(&state, &Target::new(&iface)?, &artifact, &Change::command("swap"))?);
         }
-        Command::Rollback { iface, to, netns } => {
+        Command::Rollback { target, to } => {
             let state = state()?;
-            attach::enter_netns(netns.as_deref())?;
+            let iface = target.enter()?;
             report_swap(&iface, &generations::rollback(&state, &Target::new(&iface)?, to.as_deref())?);
         }
-        Command::Verify { iface, netns, json } => {
+        Command::Verify { target, json } => {
             let state = state()?;
-            attach::enter_netns(netns.as_deref())?;
+            let iface = target.enter()?;
             let verification = generations::verify(&state, &Target::new(&iface)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&verification).context("rendering JSON")?);
@@ -269,9 +265,9 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
             }
             println!("verified: {} runs as recorded", verification.running.as_deref().unwrap_or("?"));
         }
-        Command::History { iface, netns, json } => {
+        Command::History { target, json } => {
             let state = state()?;
-            attach::enter_netns(netns.as_deref())?;
+            let iface = target.enter()?;
             let entries = state.history(&Target::new(&iface)?.key)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries).context("rendering JSON")?);
@@ -283,8 +279,8 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Status { iface, netns, json } => {
-            attach::enter_netns(netns.as_deref())?;
+        Command::Status { target, json } => {
+            let iface = target.enter()?;
             let status = status::status(&iface)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status).context("rendering JSON")?);
@@ -297,9 +293,9 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
             let attach = target.enter()?;
             daemon::run(state, daemon::RunOptions { attach, metrics, detach_on_exit })?;
         }
-        Command::Detach { iface, netns } => {
+        Command::Detach { target } => {
             let state = state()?;
-            attach::enter_netns(netns.as_deref())?;
+            let iface = target.enter()?;
             let dir = attach::detach(&state, &iface)?;
             println!("detached from {iface}; removed {}", dir.display());
         }
@@ -331,19 +327,19 @@ fn report_swap(iface: &str, swapped: &Swapped) {
 
 fn run_decap(action: DecapAction) -> anyhow::Result<()> {
     match action {
-        DecapAction::Attach { iface, addresses, mode, netns } => {
-            attach::enter_netns(netns.as_deref())?;
+        DecapAction::Attach { target, addresses, mode } => {
+            let iface = target.enter()?;
             let addresses = decap::attach(&iface, &addresses, mode)?;
             let list: Vec<String> = addresses.iter().map(IpAddr::to_string).collect();
             println!("decapsulator attached to {iface} for {}", list.join(", "));
         }
-        DecapAction::Detach { iface, netns } => {
-            attach::enter_netns(netns.as_deref())?;
+        DecapAction::Detach { target } => {
+            let iface = target.enter()?;
             decap::detach(&iface)?;
             println!("decapsulator detached from {iface}");
         }
-        DecapAction::Status { iface, netns } => {
-            attach::enter_netns(netns.as_deref())?;
+        DecapAction::Status { target } => {
+            let iface = target.enter()?;
             for (reason, count) in decap::counters(&iface)? {
                 println!("{reason:<24} {count}");
             }
