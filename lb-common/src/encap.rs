@@ -1,5 +1,7 @@
 //! Outer headers for direct-server-return encapsulation (IPIP, IP6IP6).
-use crate::wire::{Ipv4Hdr, Ipv6Hdr, ENCAP_TTL, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DONT_FRAGMENT, IPV4_HEADER_LEN, IPV6_HEADER_LEN};
+use crate::wire::{
+    Ipv4Hdr, Ipv6Hdr, ENCAP_TTL, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_DONT_FRAGMENT, IPV4_HEADER_LEN, IPV6_HEADER_LEN,
+};
 
 /// The IPIP outer header for `inner`: DSCP/ECN and DF copied, TTL 64, checksum set.
 /// Addresses are network-order words.

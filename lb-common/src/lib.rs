@@ -13,9 +13,9 @@ pub mod flow;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod maps;
-pub mod vip_index;
 #[cfg(feature = "user")]
 pub mod model;
+pub mod vip_index;
 pub mod wire;
 
 pub use maps::{Backend, Counter, Reason, VipKey, VipMeta};

@@ -14,7 +14,8 @@ use crate::flow::hash_words;
 /// Table sizes chosen when a VIP does not set one: the smallest that is at least
 /// 100 x backends. A ladder rather than "next prime above 100 N" so that adding or removing a
 /// backend keeps the size, and with it Maglev's minimal disruption.
-pub const DEFAULT_TABLE_SIZES: [u32; 8] = [65_537, 131_071, 262_147, 524_287, 1_048_573, 2_097_143, 4_194_301, 8_388_617];
+pub const DEFAULT_TABLE_SIZES: [u32; 8] =
+    [65_537, 131_071, 262_147, 524_287, 1_048_573, 2_097_143, 4_194_301, 8_388_617];
 
 /// Minimum entries per backend for the 1% balance guarantee.
 pub const ENTRIES_PER_BACKEND: u64 = 100;
@@ -74,7 +75,8 @@ pub fn build_table(backends: &[MaglevBackend], size: u32, seed: u32) -> Option<V
     let max_weight = backends.iter().map(|b| b.weight).max().filter(|&w| w > 0)? as u64;
     // Each backend's position in its permutation, advanced by `skip` modulo `size` with a
     // subtraction rather than a division per probe.
-    let mut cursor: Vec<(u32, u32)> = backends.iter().map(|b| permutation(&b.addr, seed, size)).map(|(o, s)| (o as u32, s as u32)).collect();
+    let mut cursor: Vec<(u32, u32)> =
+        backends.iter().map(|b| permutation(&b.addr, seed, size)).map(|(o, s)| (o as u32, s as u32)).collect();
     let mut credit = vec![0u64; backends.len()];
     let mut table = vec![u32::MAX; size as usize];
     let mut filled = 0u32;

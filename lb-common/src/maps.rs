@@ -258,8 +258,12 @@ pub enum DecapReason {
 pub const DECAP_REASON_COUNT: u32 = 4;
 
 impl DecapReason {
-    pub const ALL: [DecapReason; DECAP_REASON_COUNT as usize] =
-        [DecapReason::Decapsulated, DecapReason::PassNotEncapsulated, DecapReason::PassNotLocal, DecapReason::PassMalformed];
+    pub const ALL: [DecapReason; DECAP_REASON_COUNT as usize] = [
+        DecapReason::Decapsulated,
+        DecapReason::PassNotEncapsulated,
+        DecapReason::PassNotLocal,
+        DecapReason::PassMalformed,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

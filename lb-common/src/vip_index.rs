@@ -98,7 +98,8 @@ mod builder {
         let mut slots = vec![VipSlot::default(); size];
         for (key, meta) in entries {
             let home = slot_hash(seed, key);
-            let free = (0..MAX_PROBES).map(|i| (home.wrapping_add(i) & mask) as usize).find(|&s| slots[s].key.family == 0)?;
+            let free =
+                (0..MAX_PROBES).map(|i| (home.wrapping_add(i) & mask) as usize).find(|&s| slots[s].key.family == 0)?;
             slots[free] = VipSlot { key: *key, meta: *meta };
         }
         Some(slots)

@@ -13,7 +13,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{DecapKey, DecapReason, DECAP_REASON_COUNT, FAMILY_IPV4, FAMILY_IPV6},
-    wire::{EthHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr, ETH_HEADER_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HEADER_LEN, IPV6_HEADER_LEN},
+    wire::{
+        EthHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr, ETH_HEADER_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6,
+        IPV4_HEADER_LEN, IPV6_HEADER_LEN,
+    },
 };
 use lb_ebpf::parse::{parse_l2, ptr_at, read_at, L2};
 

@@ -13,8 +13,8 @@ use lb_common::{
     flow::{flow_hash_v4, flow_hash_v6, synthetic_source_v4, synthetic_source_v6},
     maps::{Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6},
     wire::{
-        is_ipv6_extension_header, l4_min_header_len, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP,
-        IPPROTO_UDP, IPV4_HEADER_LEN, IPV6_HEADER_LEN,
+        is_ipv6_extension_header, l4_min_header_len, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_HEADER_LEN, IPV6_HEADER_LEN,
     },
 };
 
@@ -64,7 +64,13 @@ fn is_vip_protocol(protocol: u8) -> bool {
 /// Where the transport header starts, if the packet holds the whole of it and the IP length
 /// covers it and fits in the frame.
 #[inline(always)]
-fn transport_offset(ctx: &XdpContext, l3: usize, ip_header_len: usize, ip_total_len: usize, protocol: u8) -> Option<usize> {
+fn transport_offset(
+    ctx: &XdpContext,
+    l3: usize,
+    ip_header_len: usize,
+    ip_total_len: usize,
+    protocol: u8,
+) -> Option<usize> {
     let l4 = l3 + ip_header_len;
     let min = l4_min_header_len(protocol);
     if ip_total_len < ip_header_len + min || l3 + ip_total_len > frame_len(ctx) || !has_bytes(ctx, l4, min) {
@@ -147,13 +153,7 @@ fn dport(ports: u32) -> u16 {
 /// `ip_len` is the inner IP packet's length; the outer header of the same family adds as much
 /// as the inner IP header's fixed part.
 #[inline(always)]
-fn forward(
-    l2: &L2,
-    vip: &VipMeta,
-    hash: u32,
-    ip_len: usize,
-    encapsulate: impl FnOnce([u32; 4]) -> bool,
-) -> Reason {
+fn forward(l2: &L2, vip: &VipMeta, hash: u32, ip_len: usize, encapsulate: impl FnOnce([u32; 4]) -> bool) -> Reason {
     let Some(backend) = pick_backend(vip, hash) else { return Reason::DropTableMiss };
     let outer_len = if l2.ether_type == ETH_P_IP { IPV4_HEADER_LEN } else { IPV6_HEADER_LEN };
     if ip_len + outer_len > MTU.load() as usize {

@@ -6,7 +6,10 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
-    maps::{maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, BACKEND_COUNTER_SLOTS, REASON_COUNT, VIP_COUNTER_SLOTS},
+    maps::{
+        maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, BACKEND_COUNTER_SLOTS, REASON_COUNT,
+        VIP_COUNTER_SLOTS,
+    },
     vip_index::{self, VipSlot},
 };
 
@@ -48,7 +51,8 @@ pub static VIP_INDEX_SEED: Global<u32> = Global::new(0);
 pub static VIP_INDEX_MASK: Global<u32> = Global::new(0);
 /// Never read by the program: there for user space to read back from the kernel.
 #[unsafe(no_mangle)]
-pub static GENERATION_ID: Global<[u8; lb_common::maps::GENERATION_ID_LEN]> = Global::new([0; lb_common::maps::GENERATION_ID_LEN]);
+pub static GENERATION_ID: Global<[u8; lb_common::maps::GENERATION_ID_LEN]> =
+    Global::new([0; lb_common::maps::GENERATION_ID_LEN]);
 
 #[inline(always)]
 pub fn count(counters: &PerCpuArray<Counter>, index: u32, bytes: u64) {

@@ -54,10 +54,8 @@ pub fn compute_digest(
         hasher.update(bytes);
     };
     section(config_json.as_bytes());
-    let vip_slots: Vec<VipSlot> = vip_slots
-        .iter()
-        .map(|s| VipSlot { meta: lb_common::VipMeta { vip_index: 0, ..s.meta }, ..*s })
-        .collect();
+    let vip_slots: Vec<VipSlot> =
+        vip_slots.iter().map(|s| VipSlot { meta: lb_common::VipMeta { vip_index: 0, ..s.meta }, ..*s }).collect();
     section(bytemuck::cast_slice(&vip_slots));
     let backends: Vec<Backend> = backends.iter().map(|b| Backend { counter_index: 0, ..*b }).collect();
     section(bytemuck::cast_slice(&backends));
@@ -68,7 +66,13 @@ pub fn compute_digest(
 }
 
 fn generation_digest(generation: &Generation, program: &[u8]) -> [u8; DIGEST_LEN] {
-    compute_digest(&generation.config.to_canonical_json(), &generation.vip_index.slots, &generation.backends, &generation.maglev, program)
+    compute_digest(
+        &generation.config.to_canonical_json(),
+        &generation.vip_index.slots,
+        &generation.backends,
+        &generation.maglev,
+        program,
+    )
 }
 
 impl Artifact {
@@ -116,9 +120,13 @@ impl Artifact {
         // Only the canonical rendering is accepted, so one generation has one byte form. A
         // config that is not even text is judged like any other damage: by the digest.
         let config_json = std::str::from_utf8(config_bytes).unwrap_or("");
-        let config = Config::from_canonical_json(config_json)
-            .map_err(|e| e.to_string())
-            .and_then(|c| if c.to_canonical_json() == config_json { Ok(c) } else { Err("not in canonical form".to_owned()) });
+        let config = Config::from_canonical_json(config_json).map_err(|e| e.to_string()).and_then(|c| {
+            if c.to_canonical_json() == config_json {
+                Ok(c)
+            } else {
+                Err("not in canonical form".to_owned())
+            }
+        });
         let rebuilt = config.as_ref().ok().and_then(|c| Generation::build(c).ok());
         let computed = rebuilt.as_ref().map(|g| generation_digest(g, &program));
         match (rebuilt, computed) {
@@ -247,7 +255,11 @@ mod tests {
             let err = Artifact::from_bytes(&bad).expect_err("a flipped byte must be refused");
             let text = format!("{err:#}");
             assert!(
-                text.contains("digest mismatch") || text.contains("magic") || text.contains("version") || text.contains("truncated") || text.contains("after the artifact"),
+                text.contains("digest mismatch")
+                    || text.contains("magic")
+                    || text.contains("version")
+                    || text.contains("truncated")
+                    || text.contains("after the artifact"),
                 "byte {i} ^ {flip:#x}: {text}"
             );
         }

@@ -78,7 +78,12 @@ pub fn attach(state: &StateDir, request: &AttachRequest) -> anyhow::Result<Attac
 }
 
 /// [`attach`] with the generation already in hand (`request.generation` is not read).
-pub fn attach_artifact(state: &StateDir, artifact: &Artifact, request: &AttachRequest, change: &Change) -> anyhow::Result<Attached> {
+pub fn attach_artifact(
+    state: &StateDir,
+    artifact: &Artifact,
+    request: &AttachRequest,
+    change: &Change,
+) -> anyhow::Result<Attached> {
     let gateway_mac = kernel::parse_mac(&request.gateway_mac).context("--gateway-mac")?;
     let (source_v4, source_v6) = split_sources(&request.sources)?;
     pins::ensure_bpffs()?;
@@ -88,7 +93,11 @@ pub fn attach_artifact(state: &StateDir, artifact: &Artifact, request: &AttachRe
     recover(state, &target)?;
     let dir = pins::pin_dir(&request.iface)?;
     if dir.join(crate::decap::LINK_PIN).exists() {
-        bail!("the ballast decapsulator runs on {}; `ballast decap detach --iface {}` first", request.iface, request.iface);
+        bail!(
+            "the ballast decapsulator runs on {}; `ballast decap detach --iface {}` first",
+            request.iface,
+            request.iface
+        );
     }
     let link_pin = pins::link_pin(&dir);
     if link_pin.exists() {
@@ -145,7 +154,14 @@ pub fn attach_artifact(state: &StateDir, artifact: &Artifact, request: &AttachRe
     })
 }
 
-fn load_and_attach(artifact: &Artifact, placed: &Generation, host: &HostParams, dir: &Path, if_index: u32, mode: AttachMode) -> anyhow::Result<()> {
+fn load_and_attach(
+    artifact: &Artifact,
+    placed: &Generation,
+    host: &HostParams,
+    dir: &Path,
+    if_index: u32,
+    mode: AttachMode,
+) -> anyhow::Result<()> {
     let mut loaded = LoadedGeneration::load_placed(artifact, placed, host, Some(dir))?;
     let link = loaded.attach(if_index, mode.xdp_mode())?;
     // The pin is what keeps the link, and so the program, alive after this process exits.
@@ -190,8 +206,14 @@ mod tests {
     fn sources_one_per_family() {
         let v4: IpAddr = "10.0.0.1".parse().unwrap();
         let v6: IpAddr = "fd00::1".parse().unwrap();
-        assert_eq!(split_sources(&[v4, v6]).unwrap(), (Some("10.0.0.1".parse().unwrap()), Some("fd00::1".parse().unwrap())));
-        assert!(split_sources(&[v4, "10.0.0.2".parse().unwrap()]).unwrap_err().to_string().contains("more than one IPv4"));
+        assert_eq!(
+            split_sources(&[v4, v6]).unwrap(),
+            (Some("10.0.0.1".parse().unwrap()), Some("fd00::1".parse().unwrap()))
+        );
+        assert!(split_sources(&[v4, "10.0.0.2".parse().unwrap()])
+            .unwrap_err()
+            .to_string()
+            .contains("more than one IPv4"));
         assert!(split_sources(&["0.0.0.0".parse().unwrap()]).unwrap_err().to_string().contains("cannot be"));
     }
 }

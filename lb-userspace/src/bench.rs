@@ -59,7 +59,14 @@ pub struct Settings {
 impl Settings {
     fn of(options: Options) -> Settings {
         if options.quick {
-            Settings { runs: 3, repeat: 20_000, warmup_repeat: 2_000, forward_seconds: 0.2, forward_runs: 1, control_runs: 1 }
+            Settings {
+                runs: 3,
+                repeat: 20_000,
+                warmup_repeat: 2_000,
+                forward_seconds: 0.2,
+                forward_runs: 1,
+                control_runs: 1,
+            }
         } else {
             Settings {
                 runs: 7,
@@ -119,7 +126,13 @@ fn worker(options: Options, settings: &Settings, lab: &Lab, cpu: usize) -> anyho
         gen: kernel::interface_info(GEN_IF).context("the generator's veth end")?,
         lb: kernel::interface_info(LB_IF).context("the load balancer's veth end")?,
     };
-    let host = HostParams { gateway_mac: ends.gen.mac, iface_mac: ends.lb.mac, source_v4: None, source_v6: None, mtu: ends.lb.mtu };
+    let host = HostParams {
+        gateway_mac: ends.gen.mac,
+        iface_mac: ends.lb.mac,
+        source_v4: None,
+        source_v6: None,
+        mtu: ends.lb.mtu,
+    };
     let mut harness = programs::Harness::load()?;
     let mut reference = programs::Reference::load()?;
     progress("loading the generations under test");

@@ -352,7 +352,8 @@ fn validate_daemon(raw: Option<RawDaemon>) -> Result<DaemonSettings, ConfigError
     if !(0.0..=1.0).contains(&min_healthy) {
         return Err(ConfigError::new("daemon.min_healthy", format!("{min_healthy} is not a fraction (0.0 to 1.0)")));
     }
-    let min_swap_interval_ms = in_range("daemon.min_swap_interval_ms", raw.min_swap_interval_ms, defaults.min_swap_interval_ms, 0, 3_600_000)?;
+    let min_swap_interval_ms =
+        in_range("daemon.min_swap_interval_ms", raw.min_swap_interval_ms, defaults.min_swap_interval_ms, 0, 3_600_000)?;
     Ok(DaemonSettings { min_healthy, min_swap_interval_ms })
 }
 
@@ -378,7 +379,10 @@ fn validate_health(at: &dyn Fn(&str) -> String, raw: RawHealth, vip_port: u16) -
         Some("http") => {
             let path = raw.path.unwrap_or_else(|| "/".to_owned());
             if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(ConfigError::new(at("health.path"), format!("'{path}' is not an HTTP path (starts with /, no spaces)")));
+                return Err(ConfigError::new(
+                    at("health.path"),
+                    format!("'{path}' is not an HTTP path (starts with /, no spaces)"),
+                ));
             }
             let expect_status = in_range(&at("health.expect_status"), raw.expect_status, 200, 100, 599)? as u16;
             HealthProbe::Http { path, expect_status }
@@ -387,7 +391,10 @@ fn validate_health(at: &dyn Fn(&str) -> String, raw: RawHealth, vip_port: u16) -
     };
     let port = match raw.port {
         None if vip_port == 0 => {
-            return Err(ConfigError::new(at("health.port"), "missing: the VIP serves every port, so say which to probe"))
+            return Err(ConfigError::new(
+                at("health.port"),
+                "missing: the VIP serves every port, so say which to probe",
+            ))
         }
         None => vip_port,
         Some(p) => u16::try_from(p)

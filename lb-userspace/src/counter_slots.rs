@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{anyhow, Context as _};
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
-use lb_common::maps::{Counter, BACKEND_COUNTER_SLOTS, MAP_BACKEND_COUNTERS, MAP_VIP_COUNTERS, VIP_COUNTER_SLOTS, VIP_FLAG_ADDRESS_ONLY};
+use lb_common::maps::{
+    Counter, BACKEND_COUNTER_SLOTS, MAP_BACKEND_COUNTERS, MAP_VIP_COUNTERS, VIP_COUNTER_SLOTS, VIP_FLAG_ADDRESS_ONLY,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::generation::{describe, Generation};
@@ -26,7 +28,11 @@ fn backend_identity(vip: &str, backend: &std::net::IpAddr) -> String {
 
 /// Keeps `previous` slots for identities still present; gives new identities the lowest slots
 /// used neither before nor now. Returns the slots and those new slots (to zero before use).
-fn allocate(previous: &BTreeMap<String, u32>, wanted: &[String], limit: u32) -> anyhow::Result<(BTreeMap<String, u32>, Vec<u32>)> {
+fn allocate(
+    previous: &BTreeMap<String, u32>,
+    wanted: &[String],
+    limit: u32,
+) -> anyhow::Result<(BTreeMap<String, u32>, Vec<u32>)> {
     let mut taken: BTreeSet<u32> = previous.values().copied().collect();
     let mut slots = BTreeMap::new();
     let mut fresh = Vec::new();
@@ -82,7 +88,10 @@ impl Assignment {
             let name = describe(vip);
             vip_slot_by_index.push(slot_of(&self.slots.vips, &name)?);
             for (i, backend) in vip.backends.iter().enumerate() {
-                let entry = placed.backends.get_mut(first_backend + i).ok_or_else(|| anyhow!("backend table shorter than the config"))?;
+                let entry = placed
+                    .backends
+                    .get_mut(first_backend + i)
+                    .ok_or_else(|| anyhow!("backend table shorter than the config"))?;
                 entry.counter_index = slot_of(&self.slots.backends, &backend_identity(&name, &backend.address))?;
             }
             first_backend += vip.backends.len();
@@ -134,7 +143,8 @@ mod tests {
 
     #[test]
     fn identities_keep_their_slots_across_generations() {
-        let first = Assignment::new(&CounterSlots::default(), &generation(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])).unwrap();
+        let first =
+            Assignment::new(&CounterSlots::default(), &generation(&["10.1.0.1", "10.1.0.2", "10.1.0.3"])).unwrap();
         assert_eq!(first.fresh_backends, vec![0, 1, 2]);
         // 10.1.0.1 leaves, 10.1.0.4 arrives: sorted positions shift, slots do not.
         let next_gen = generation(&["10.1.0.2", "10.1.0.3", "10.1.0.4"]);

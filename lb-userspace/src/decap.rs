@@ -14,7 +14,9 @@ use aya::{
     programs::{links::FdLink, Xdp},
     EbpfLoader,
 };
-use lb_common::maps::{DecapKey, DecapReason, DECAP_REASON_COUNT, MAP_DECAP_ADDRESSES, MAP_DECAP_COUNTERS, MAX_DECAP_ADDRESSES};
+use lb_common::maps::{
+    DecapKey, DecapReason, DECAP_REASON_COUNT, MAP_DECAP_ADDRESSES, MAP_DECAP_COUNTERS, MAX_DECAP_ADDRESSES,
+};
 
 use crate::{
     attach::AttachMode,
@@ -80,7 +82,8 @@ fn load_and_attach(dir: &Path, addresses: &BTreeSet<IpAddr>, if_index: u32, mode
     kernel::freeze_map(crate::loader::map_data(address_map)?.fd().as_fd()).context("freezing the address map")?;
     let program: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| anyhow!("program missing"))?.try_into()?;
     let id = program.attach_to_if_index(if_index, mode.xdp_mode()).context("attaching the decapsulator")?;
-    let link = FdLink::try_from(program.take_link(id)?).map_err(|_| anyhow!("the kernel attached through netlink, not a bpf_link"))?;
+    let link = FdLink::try_from(program.take_link(id)?)
+        .map_err(|_| anyhow!("the kernel attached through netlink, not a bpf_link"))?;
     link.pin(dir.join(LINK_PIN)).context("pinning the decapsulator's link")?;
     Ok(())
 }
@@ -99,11 +102,11 @@ pub fn detach(iface: &str) -> anyhow::Result<PathBuf> {
 pub fn counters(iface: &str) -> anyhow::Result<Vec<(&'static str, u64)>> {
     pins::ensure_bpffs()?;
     let path = pins::pin_dir(iface)?.join(MAP_DECAP_COUNTERS);
-    let map = Map::from_map_data(MapData::from_pin(&path).with_context(|| format!("no decapsulator on {iface} ({})", path.display()))?)?;
+    let map = Map::from_map_data(
+        MapData::from_pin(&path).with_context(|| format!("no decapsulator on {iface} ({})", path.display()))?,
+    )?;
     let array = PerCpuArray::<_, u64>::try_from(&map)?;
-    (0..DECAP_REASON_COUNT)
-        .map(|i| Ok((DecapReason::ALL[i as usize].name(), array.get(&i, 0)?.iter().sum())))
-        .collect()
+    (0..DECAP_REASON_COUNT).map(|i| Ok((DecapReason::ALL[i as usize].name(), array.get(&i, 0)?.iter().sum()))).collect()
 }
 
 /// The unicast addresses configured on `iface` (getifaddrs follows the calling thread's

@@ -50,8 +50,15 @@ pub fn run() -> anyhow::Result<()> {
     let mac = lab.gateway_mac(1)?;
     show_on_lb(&lab, &["attach", "--config", &config.display().to_string(), "--gateway-mac", &mac])?;
 
-    println!("\n[3/7] real traffic from the client: {TCP4_FLOWS} TCP connections to {}, {UDP_FLOWS} UDP requests to {},", lab::vips()[0].1, lab::vips()[1].1);
-    println!("      {TCP6_FLOWS} TCP connections to {}, each from its own source port; every answer names its backend", lab::vips()[2].1);
+    println!(
+        "\n[3/7] real traffic from the client: {TCP4_FLOWS} TCP connections to {}, {UDP_FLOWS} UDP requests to {},",
+        lab::vips()[0].1,
+        lab::vips()[1].1
+    );
+    println!(
+        "      {TCP6_FLOWS} TCP connections to {}, each from its own source port; every answer names its backend",
+        lab::vips()[2].1
+    );
     let flows = demo_flows();
     let before = lab.send(&flows)?;
     distribution(&first, &before)?;
@@ -62,7 +69,10 @@ pub fn run() -> anyhow::Result<()> {
     let refused = lab::in_netns(&lab.namespace(Role::Lb(1)), || crate::status::try_edit_running_vips(LB_IFACE))?;
     println!("      immutability: writing an entry into the running VIPS map from user space: {refused}");
 
-    println!("\n[5/7] a new generation, swapped in under traffic: {REMOVED} leaves, {ADDED} joins ({})", lab::backend_list(NEXT));
+    println!(
+        "\n[5/7] a new generation, swapped in under traffic: {REMOVED} leaves, {ADDED} joins ({})",
+        lab::backend_list(NEXT)
+    );
     let next = lab::generation(&lab::config(NEXT))?;
     swap_under_traffic(&lab, &flows, &first, &next)?;
     let after = lab.send(&flows)?;
@@ -79,7 +89,11 @@ pub fn run() -> anyhow::Result<()> {
 
     println!("\n[7/7] tear down (`ballast lab down` does the same)");
     let done = lab.down()?;
-    println!("      {} servers ended, generations and decapsulators detached, {} namespaces deleted", done.servers_stopped, done.namespaces.len());
+    println!(
+        "      {} servers ended, generations and decapsulators detached, {} namespaces deleted",
+        done.servers_stopped,
+        done.namespaces.len()
+    );
     println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -87,11 +101,22 @@ pub fn run() -> anyhow::Result<()> {
 fn describe_lab(lab: &Lab) {
     let ns = |role| lab.namespace(role);
     println!("      client   {:<12} {}, {}", ns(Role::Client), lab::CLIENT_V4, lab::CLIENT_V6);
-    println!("      router   {:<12} routes 192.0.2.0/24 and 2001:db8::/64 to the load balancer, 10.1.0.0/24 to the backends", ns(Role::Router));
-    println!("      lb1      {:<12} ballast on {LB_IFACE}, one-arm: it sends each packet, encapsulated, back to the router", ns(Role::Lb(1)));
+    println!(
+        "      router   {:<12} routes 192.0.2.0/24 and 2001:db8::/64 to the load balancer, 10.1.0.0/24 to the backends",
+        ns(Role::Router)
+    );
+    println!(
+        "      lb1      {:<12} ballast on {LB_IFACE}, one-arm: it sends each packet, encapsulated, back to the router",
+        ns(Role::Lb(1))
+    );
     for i in 1..=BACKENDS {
         let label = lab::backend_label(i);
-        println!("      {label:<8} {:<12} {}, {}: `ballast decap` strips the outer header; its server answers \"{label}\"", ns(Role::Backend(i)), lab::backend_v4(i), lab::backend_v6(i));
+        println!(
+            "      {label:<8} {:<12} {}, {}: `ballast decap` strips the outer header; its server answers \"{label}\"",
+            ns(Role::Backend(i)),
+            lab::backend_v4(i),
+            lab::backend_v6(i)
+        );
     }
     println!("      replies go from the backends straight to the client (direct server return): the VIPs are on their loopback");
 }
@@ -103,7 +128,12 @@ fn vip_list() -> String {
 fn demo_flows() -> Vec<Flow> {
     let [(tcp, tcp4), (udp, udp4), (_, tcp6)] = lab::vips();
     let ports = |count: u16| FIRST_PORT..FIRST_PORT + count;
-    [lab::flows(tcp, tcp4, ports(TCP4_FLOWS)), lab::flows(udp, udp4, ports(UDP_FLOWS)), lab::flows(tcp, tcp6, ports(TCP6_FLOWS))].concat()
+    [
+        lab::flows(tcp, tcp4, ports(TCP4_FLOWS)),
+        lab::flows(udp, udp4, ports(UDP_FLOWS)),
+        lab::flows(tcp, tcp6, ports(TCP6_FLOWS)),
+    ]
+    .concat()
 }
 
 /// Prints `$ ballast ARGS --iface lb0 --netns ...` and its output, indented.
@@ -124,7 +154,13 @@ fn show(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
 /// Every request answered, by the backend the reference model predicts.
 fn check_replies(generation: &Generation, replies: &[Reply]) -> anyhow::Result<()> {
     if let Some(failed) = lab::failures(replies).first() {
-        bail!("{} of {} requests failed, e.g. {:?}: {}", lab::failures(replies).len(), replies.len(), failed.flow, failed.answer.as_ref().err().map_or("", String::as_str));
+        bail!(
+            "{} of {} requests failed, e.g. {:?}: {}",
+            lab::failures(replies).len(),
+            replies.len(),
+            failed.flow,
+            failed.answer.as_ref().err().map_or("", String::as_str)
+        );
     }
     let unexpected = replies.iter().filter(|r| r.backend() != r.flow.predicted_name(generation).as_deref()).count();
     if unexpected > 0 {
@@ -137,16 +173,24 @@ fn check_replies(generation: &Generation, replies: &[Reply]) -> anyhow::Result<(
 fn distribution(generation: &Generation, replies: &[Reply]) -> anyhow::Result<()> {
     println!("      {:<24} {:<8} {:>8} {:>8} {:>12}", "VIP", "backend", "answers", "share", "table share");
     for (protocol, vip) in lab::vips() {
-        let of_vip: Vec<Reply> = replies.iter().filter(|r| r.flow.vip == vip && r.flow.protocol == protocol).cloned().collect();
+        let of_vip: Vec<Reply> =
+            replies.iter().filter(|r| r.flow.vip == vip && r.flow.protocol == protocol).cloned().collect();
         let counts = lab::by_backend(&of_vip);
         for (name, table_share) in lab::table_shares(generation, protocol, vip)? {
             let answers = counts.get(&name).copied().unwrap_or(0);
             let share = answers as f64 * 100.0 / of_vip.len().max(1) as f64;
-            println!("      {:<24} {name:<8} {answers:>8} {share:>7.1}% {:>11.1}%", format!("{vip}/{}", protocol.name()), table_share * 100.0);
+            println!(
+                "      {:<24} {name:<8} {answers:>8} {share:>7.1}% {:>11.1}%",
+                format!("{vip}/{}", protocol.name()),
+                table_share * 100.0
+            );
         }
     }
     check_replies(generation, replies)?;
-    println!("      all {} requests answered, each by the backend the reference model (lb-common) predicts", replies.len());
+    println!(
+        "      all {} requests answered, each by the backend the reference model (lb-common) predicts",
+        replies.len()
+    );
     Ok(())
 }
 
@@ -168,13 +212,28 @@ fn swap_under_traffic(lab: &Lab, flows: &[Flow], first: &Generation, next: &Gene
     let count = |protocol| during.iter().filter(|r| r.flow.protocol == protocol).count();
     let failed = lab::failures(&during);
     let moved = |flow: &Flow| flow.predicted_backend(first) != flow.predicted_backend(next);
-    let unexplained: Vec<&&Reply> = failed.iter().filter(|r| r.flow.protocol == Protocol::Udp || !moved(&r.flow)).collect();
+    let unexplained: Vec<&&Reply> =
+        failed.iter().filter(|r| r.flow.protocol == Protocol::Udp || !moved(&r.flow)).collect();
     if let Some(reply) = unexplained.first() {
-        bail!("{} requests failed during the swap, e.g. {:?}: {}", unexplained.len(), reply.flow, reply.answer.as_ref().err().map_or("", String::as_str));
+        bail!(
+            "{} requests failed during the swap, e.g. {:?}: {}",
+            unexplained.len(),
+            reply.flow,
+            reply.answer.as_ref().err().map_or("", String::as_str)
+        );
     }
-    println!("      during the swap: {} TCP connections and {} UDP requests, {} failed", count(Protocol::Tcp), count(Protocol::Udp), failed.len());
+    println!(
+        "      during the swap: {} TCP connections and {} UDP requests, {} failed",
+        count(Protocol::Tcp),
+        count(Protocol::Udp),
+        failed.len()
+    );
     if let Some(first_failure) = failed.first() {
-        println!("      ({} TCP connection(s) of flows that changed backend at that instant, e.g. {}:", failed.len(), first_failure.answer.as_ref().err().map_or("", String::as_str));
+        println!(
+            "      ({} TCP connection(s) of flows that changed backend at that instant, e.g. {}:",
+            failed.len(),
+            first_failure.answer.as_ref().err().map_or("", String::as_str)
+        );
         println!("      ballast keeps no per-connection table, so a flow that moves mid-connection is reset; no other request failed)");
     }
     Ok(())
@@ -185,15 +244,23 @@ fn swap_under_traffic(lab: &Lab, flows: &[Flow], first: &Generation, next: &Gene
 fn moved(before: &[Reply], after: &[Reply]) -> anyhow::Result<()> {
     let pairs: Vec<(&Reply, &Reply)> = before.iter().zip(after).collect();
     let (left, stayed): (Vec<_>, Vec<_>) = pairs.iter().partition(|(b, _)| b.backend() == Some(REMOVED));
-    let moved_others: Vec<Reply> = stayed.iter().filter(|(b, a)| b.backend() != a.backend()).map(|(_, a)| (*a).clone()).collect();
+    let moved_others: Vec<Reply> =
+        stayed.iter().filter(|(b, a)| b.backend() != a.backend()).map(|(_, a)| (*a).clone()).collect();
     let destinations = |replies: Vec<Reply>| {
         lab::by_backend(&replies).iter().map(|(name, n)| format!("{name} {n}")).collect::<Vec<_>>().join(", ")
     };
     if left.iter().any(|(_, a)| a.backend() == Some(REMOVED)) {
         return Err(anyhow!("a flow still reached {REMOVED} after it left"));
     }
-    println!("      the same {} flows (same source ports) after the swap, all answered as the new generation predicts:", pairs.len());
-    println!("      {} were on {REMOVED}, which left: all moved ({})", left.len(), destinations(left.iter().map(|(_, a)| (*a).clone()).collect()));
+    println!(
+        "      the same {} flows (same source ports) after the swap, all answered as the new generation predicts:",
+        pairs.len()
+    );
+    println!(
+        "      {} were on {REMOVED}, which left: all moved ({})",
+        left.len(),
+        destinations(left.iter().map(|(_, a)| (*a).clone()).collect())
+    );
     println!(
         "      of the other {}, {} kept their backend and {} ({:.1}%) moved ({}): the newcomer takes its share",
         stayed.len(),

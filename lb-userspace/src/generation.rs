@@ -65,7 +65,12 @@ pub fn family(addr: IpAddr) -> u8 {
 }
 
 pub fn vip_key(vip: &VipConfig) -> VipKey {
-    VipKey { addr: addr_words(vip.address), port: vip.port.to_be(), protocol: vip.protocol.number(), family: family(vip.address) }
+    VipKey {
+        addr: addr_words(vip.address),
+        port: vip.port.to_be(),
+        protocol: vip.protocol.number(),
+        family: family(vip.address),
+    }
 }
 
 impl Generation {
@@ -81,11 +86,8 @@ impl Generation {
         let mut maglev = Vec::new();
         for (vip_index, vip) in config.vips.iter().enumerate() {
             let first_backend = u32::try_from(backends.len()).context("too many backends")?;
-            let maglev_backends: Vec<MaglevBackend> = vip
-                .backends
-                .iter()
-                .map(|b| MaglevBackend { addr: addr_words(b.address), weight: b.weight })
-                .collect();
+            let maglev_backends: Vec<MaglevBackend> =
+                vip.backends.iter().map(|b| MaglevBackend { addr: addr_words(b.address), weight: b.weight }).collect();
             let table = build_table(&maglev_backends, vip.table_size, config.hash_seed)
                 .ok_or_else(|| anyhow!("vip {}: no Maglev table (a backend needs a positive weight, the size must be a prime of at least 2)", describe(vip)))?;
             let meta = VipMeta {
@@ -103,9 +105,12 @@ impl Generation {
         // Address markers: for each (address, protocol) without an every-port VIP.
         for vip in &config.vips {
             let marker = VipKey { port: 0, ..vip_key(vip) };
-            vip_entries
-                .entry(marker)
-                .or_insert(VipMeta { table_offset: 0, table_size: 0, vip_index: 0, flags: VIP_FLAG_ADDRESS_ONLY });
+            vip_entries.entry(marker).or_insert(VipMeta {
+                table_offset: 0,
+                table_size: 0,
+                vip_index: 0,
+                flags: VIP_FLAG_ADDRESS_ONLY,
+            });
         }
         let sorted: Vec<(VipKey, VipMeta)> = vip_entries.iter().map(|(k, v)| (*k, *v)).collect();
         Ok(Generation {

@@ -14,10 +14,10 @@ use serde::Serialize;
 use crate::{
     artifact::{compute_digest, format_digest, Artifact},
     counter_slots::Assignment,
+    loader::LoadedGeneration,
     pins, preflight,
     state::{self, checkpoint, AuditEntry, IfaceLock, IfaceRecord, StateDir, ROLLBACK_DEPTH},
     status::Running,
-    loader::LoadedGeneration,
 };
 
 /// The interface a command works on, in the calling thread's network namespace.
@@ -87,14 +87,25 @@ pub fn recover(state: &StateDir, target: &Target) -> anyhow::Result<Option<Strin
         }
         format!("an interrupted change had made {pending} live; the record now says so")
     } else {
-        format!("an interrupted change to {pending} had not happened; {} still runs", running.as_deref().unwrap_or("nothing"))
+        format!(
+            "an interrupted change to {pending} had not happened; {} still runs",
+            running.as_deref().unwrap_or("nothing")
+        )
     };
     if record.current.is_none() && running.is_none() {
         state.remove_record(&target.key)?;
     } else {
         state.write_record(&target.key, &record)?;
     }
-    audit(state, target, &Change { action: "recover", reason: Some(note.clone()) }, None, record.current.clone(), Some(&record), None)?;
+    audit(
+        state,
+        target,
+        &Change { action: "recover", reason: Some(note.clone()) },
+        None,
+        record.current.clone(),
+        Some(&record),
+        None,
+    )?;
     Ok(Some(note))
 }
 
@@ -122,10 +133,16 @@ fn lock_and_recover(state: &StateDir, target: &Target) -> anyhow::Result<(IfaceL
 }
 
 /// [`swap`] for a caller that holds the lock and has settled the record.
-fn swap_locked(state: &StateDir, target: &Target, artifact: &Artifact, change: &Change, recovered: Option<String>) -> anyhow::Result<Swapped> {
-    let mut record = state
-        .record(&target.key)?
-        .ok_or_else(|| anyhow!("nothing recorded for {}: attach a generation first (`ballast attach`)", target.iface))?;
+fn swap_locked(
+    state: &StateDir,
+    target: &Target,
+    artifact: &Artifact,
+    change: &Change,
+    recovered: Option<String>,
+) -> anyhow::Result<Swapped> {
+    let mut record = state.record(&target.key)?.ok_or_else(|| {
+        anyhow!("nothing recorded for {}: attach a generation first (`ballast attach`)", target.iface)
+    })?;
     let dir = pins::pin_dir(&target.iface)?;
     let link_path = pins::link_pin(&dir);
     if !link_path.exists() {
@@ -141,7 +158,8 @@ fn swap_locked(state: &StateDir, target: &Target, artifact: &Artifact, change: &
         // zeroed before the new program can count into them.
         let assignment = Assignment::new(&record.counter_slots, &artifact.generation)?;
         assignment.zero_fresh_slots(&dir)?;
-        let mut loaded = LoadedGeneration::load_placed(artifact, &assignment.apply(&artifact.generation)?, &host, Some(&dir))?;
+        let mut loaded =
+            LoadedGeneration::load_placed(artifact, &assignment.apply(&artifact.generation)?, &host, Some(&dir))?;
         checkpoint("loaded");
         state.store(artifact)?;
         record.pending = Some(to.clone());
@@ -184,7 +202,11 @@ pub fn rollback(state: &StateDir, target: &Target, to: Option<&str>) -> anyhow::
     let (_lock, recovered) = lock_and_recover(state, target)?;
     let record = state.record(&target.key)?.ok_or_else(|| anyhow!("nothing recorded for {}", target.iface))?;
     let digest = match to {
-        None => record.previous.first().cloned().ok_or_else(|| anyhow!("{} has no earlier generation to roll back to", target.iface))?,
+        None => record
+            .previous
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow!("{} has no earlier generation to roll back to", target.iface))?,
         Some(wanted) => {
             let wanted = wanted.strip_prefix("sha256:").unwrap_or(wanted);
             let matches: Vec<&String> = record
@@ -245,7 +267,10 @@ pub fn verify(state: &StateDir, target: &Target) -> anyhow::Result<Verification>
         record.as_ref().is_some_and(|r| r.pending.is_none()) && recorded.is_some(),
         match &record {
             None => "no record of this interface in the state directory".to_owned(),
-            Some(r) if r.pending.is_some() => format!("an interrupted change to {} is unsettled (any swap or rollback settles it)", r.pending.as_deref().unwrap_or("")),
+            Some(r) if r.pending.is_some() => format!(
+                "an interrupted change to {} is unsettled (any swap or rollback settles it)",
+                r.pending.as_deref().unwrap_or("")
+            ),
             Some(_) => format!("recorded {}", recorded.as_deref().unwrap_or("nothing")),
         },
     );
@@ -258,7 +283,12 @@ pub fn verify(state: &StateDir, target: &Target) -> anyhow::Result<Verification>
         check(
             &format!("map {}", map.name),
             map.frozen && map.read_only_for_program,
-            format!("id {}: {}, {}", map.id, if map.frozen { "frozen" } else { "NOT frozen" }, if map.read_only_for_program { "read-only for programs" } else { "WRITABLE by programs" }),
+            format!(
+                "id {}: {}, {}",
+                map.id,
+                if map.frozen { "frozen" } else { "NOT frozen" },
+                if map.read_only_for_program { "read-only for programs" } else { "WRITABLE by programs" }
+            ),
         );
     }
     let mut recomputed = None;
@@ -279,7 +309,10 @@ pub fn verify(state: &StateDir, target: &Target) -> anyhow::Result<Verification>
                 if digest == artifact.digest {
                     "the kernel's VIPS, BACKENDS and MAGLEV hash to the recorded digest".to_owned()
                 } else {
-                    format!("the kernel's VIPS, BACKENDS and MAGLEV hash to {}, not to the recorded generation", format_digest(&digest))
+                    format!(
+                        "the kernel's VIPS, BACKENDS and MAGLEV hash to {}, not to the recorded generation",
+                        format_digest(&digest)
+                    )
                 },
             );
         }

@@ -49,21 +49,35 @@ pub fn inspect(artifact: &Artifact) -> Inspection {
                     .map(|(i, b)| BackendReport {
                         address: b.address.to_string(),
                         weight: b.weight,
-                        share: table.iter().filter(|&&e| e as usize == first + i).count() as f64 / table.len().max(1) as f64,
+                        share: table.iter().filter(|&&e| e as usize == first + i).count() as f64
+                            / table.len().max(1) as f64,
                     })
                     .collect(),
             }
         })
         .collect();
-    Inspection { digest: artifact.digest_string(), hash_seed: generation.hash_seed, program_bytes: artifact.program.len(), vips }
+    Inspection {
+        digest: artifact.digest_string(),
+        hash_seed: generation.hash_seed,
+        program_bytes: artifact.program.len(),
+        vips,
+    }
 }
 
 pub fn render(report: &Inspection) -> String {
-    let mut out = format!("generation {}\nhash seed  {:#x}\nprogram    {} bytes\n", report.digest, report.hash_seed, report.program_bytes);
+    let mut out = format!(
+        "generation {}\nhash seed  {:#x}\nprogram    {} bytes\n",
+        report.digest, report.hash_seed, report.program_bytes
+    );
     for vip in &report.vips {
         out.push_str(&format!("{}  table {}\n", vip.vip, vip.table_size));
         for b in &vip.backends {
-            out.push_str(&format!("  -> {:<40} weight {:<5} {:>6.2}% of table\n", b.address, b.weight, b.share * 100.0));
+            out.push_str(&format!(
+                "  -> {:<40} weight {:<5} {:>6.2}% of table\n",
+                b.address,
+                b.weight,
+                b.share * 100.0
+            ));
         }
     }
     out

@@ -121,7 +121,8 @@ pub fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
         if part.len() != 2 {
             bail!("'{text}' is not a MAC address (byte '{part}' is not two hex digits)");
         }
-        *byte = u8::from_str_radix(part, 16).with_context(|| format!("'{text}' is not a MAC address (byte '{part}')"))?;
+        *byte =
+            u8::from_str_radix(part, 16).with_context(|| format!("'{text}' is not a MAC address (byte '{part}')"))?;
     }
     Ok(mac)
 }
@@ -162,10 +163,16 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(fd: BorrowedFd<'_>, keys: &[K], va
     let requested = attr.count;
     // SAFETY: keys and values outlive the call; the kernel reads `count` of each.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
     };
     if ret < 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("BPF_MAP_UPDATE_BATCH ({} of {requested} written)", attr.count));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("BPF_MAP_UPDATE_BATCH ({} of {requested} written)", attr.count));
     }
     Ok(())
 }
@@ -183,11 +190,21 @@ pub fn lookup_raw(fd: BorrowedFd<'_>, key: &[u8], value_size: usize) -> anyhow::
         flags: u64,
     }
     let mut value = vec![0u8; value_size];
-    let mut attr =
-        LookupAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: key.as_ptr() as u64, value: value.as_mut_ptr() as u64, flags: 0 };
+    let mut attr = LookupAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
     // SAFETY: key and value outlive the call; value has the map's value size.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut LookupAttr, std::mem::size_of::<LookupAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &mut attr as *mut LookupAttr,
+            std::mem::size_of::<LookupAttr>(),
+        )
     };
     if ret < 0 {
         return Err(io::Error::last_os_error()).context("BPF_MAP_LOOKUP_ELEM");

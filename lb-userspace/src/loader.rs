@@ -13,8 +13,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::maps::{
-    globals, Counter, GENERATION_ID_LEN, GENERATION_ID_MAGIC, MaglevChunk, CONFIG_MAPS, COUNTER_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_BACKEND_COUNTERS,
-    MAP_MAGLEV, MAP_REASON_COUNTERS, MAP_VIPS, MAP_VIP_COUNTERS, REASON_COUNT,
+    globals, Counter, MaglevChunk, CONFIG_MAPS, COUNTER_MAPS, GENERATION_ID_LEN, GENERATION_ID_MAGIC, MAGLEV_CHUNK_LEN,
+    MAP_BACKENDS, MAP_BACKEND_COUNTERS, MAP_MAGLEV, MAP_REASON_COUNTERS, MAP_VIPS, MAP_VIP_COUNTERS, REASON_COUNT,
 };
 
 use crate::{artifact::Artifact, generation::Generation, kernel};
@@ -62,14 +62,23 @@ impl LoadedGeneration {
 
     /// Loads an artifact's program with `placed`: the artifact's generation with this host's
     /// counter slots (`counter_slots::Assignment::apply`).
-    pub fn load_placed(artifact: &Artifact, placed: &Generation, host: &HostParams, counter_pins: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn load_placed(
+        artifact: &Artifact,
+        placed: &Generation,
+        host: &HostParams,
+        counter_pins: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let constants = Constants::of(placed);
         Self::load_object(placed, &artifact.program, &artifact.digest, host, counter_pins, &constants)
     }
 
     /// Like [`Self::load`] but with the verifier's view of the generation's constants given
     /// explicitly: measuring what the `.rodata` pruning saves needs the unpruned program too.
-    pub fn load_with_constants(generation: &Generation, host: &HostParams, constants: &Constants) -> anyhow::Result<Self> {
+    pub fn load_with_constants(
+        generation: &Generation,
+        host: &HostParams,
+        constants: &Constants,
+    ) -> anyhow::Result<Self> {
         Self::load_object(generation, EBPF_OBJECT, &[0; 32], host, None, constants)
     }
 
@@ -85,8 +94,7 @@ impl LoadedGeneration {
         generation_id[..GENERATION_ID_MAGIC.len()].copy_from_slice(&GENERATION_ID_MAGIC);
         generation_id[GENERATION_ID_MAGIC.len()..].copy_from_slice(digest);
         let source_v4 = host.source_v4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0);
-        let source_v6: [u32; 4] =
-            host.source_v6.map(|a| crate::generation::addr_words(a.into())).unwrap_or([0; 4]);
+        let source_v6: [u32; 4] = host.source_v6.map(|a| crate::generation::addr_words(a.into())).unwrap_or([0; 4]);
         let chunks = maglev_chunks(&generation.maglev);
         let vip_index_mask = generation.vip_index.mask();
         let eth_addresses = lb_common::maps::eth_address_words(host.gateway_mac, host.iface_mac);
@@ -155,7 +163,8 @@ impl LoadedGeneration {
         let program = xdp_mut(&mut self.ebpf)?;
         let id = program.attach_to_if_index(if_index, mode).context("attaching the XDP program")?;
         let link = program.take_link(id)?;
-        FdLink::try_from(link).map_err(|_| anyhow!("the kernel attached through netlink, not a bpf_link: too old for ballast"))
+        FdLink::try_from(link)
+            .map_err(|_| anyhow!("the kernel attached through netlink, not a bpf_link: too old for ballast"))
     }
 
     /// Atomically replaces the program behind an attached link with this one

@@ -165,7 +165,13 @@ impl AttachArgs {
     /// Enters the network namespace, if any, and returns the request.
     fn enter(self) -> anyhow::Result<AttachRequest> {
         let iface = self.target.enter()?;
-        Ok(AttachRequest { generation: self.config, iface, gateway_mac: self.gateway_mac, sources: self.sources, mode: self.mode })
+        Ok(AttachRequest {
+            generation: self.config,
+            iface,
+            gateway_mac: self.gateway_mac,
+            sources: self.sources,
+            mode: self.mode,
+        })
     }
 }
 
@@ -242,7 +248,10 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
             let state = state()?;
             let artifact = load_generation_file(&generation)?;
             let iface = target.enter()?;
-            report_swap(&iface, &generations::swap(&state, &Target::new(&iface)?, &artifact, &Change::command("swap"))?);
+            report_swap(
+                &iface,
+                &generations::swap(&state, &Target::new(&iface)?, &artifact, &Change::command("swap"))?,
+            );
         }
         Command::Rollback { target, to } => {
             let state = state()?;
@@ -273,9 +282,17 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&entries).context("rendering JSON")?);
             } else {
                 for e in &entries {
-                    let short = |d: &Option<String>| d.as_deref().map_or("-".to_owned(), |d| d.chars().take(19).collect());
+                    let short =
+                        |d: &Option<String>| d.as_deref().map_or("-".to_owned(), |d| d.chars().take(19).collect());
                     let reason = e.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
-                    println!("{:.3}  {:<9} {} -> {}  {}{reason}", e.time, e.action, short(&e.from), short(&e.to), e.result);
+                    println!(
+                        "{:.3}  {:<9} {} -> {}  {}{reason}",
+                        e.time,
+                        e.action,
+                        short(&e.from),
+                        short(&e.to),
+                        e.result
+                    );
                 }
             }
         }
@@ -301,7 +318,13 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let generation = Generation::build(&Config::load(&config)?)?;
-            println!("{}: valid; {} VIPs, {} backends, {} table entries", config.display(), generation.vip_count(), generation.backends.len(), generation.maglev.len());
+            println!(
+                "{}: valid; {} VIPs, {} backends, {} table entries",
+                config.display(),
+                generation.vip_count(),
+                generation.backends.len(),
+                generation.maglev.len()
+            );
             for vip in &generation.config.vips {
                 println!("  {}  table {}  backends {}", describe(vip), vip.table_size, vip.backends.len());
             }

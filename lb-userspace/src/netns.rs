@@ -13,7 +13,8 @@ pub fn enter(name: &str) -> anyhow::Result<()> {
         bail!("'{name}' is not a network namespace name");
     }
     let path = PathBuf::from("/run/netns").join(name);
-    let file = std::fs::File::open(&path).with_context(|| format!("network namespace '{name}' ({})", path.display()))?;
+    let file =
+        std::fs::File::open(&path).with_context(|| format!("network namespace '{name}' ({})", path.display()))?;
     // SAFETY: setns on a namespace fd we hold open.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("entering network namespace '{name}'"));
@@ -26,7 +27,9 @@ pub fn enter(name: &str) -> anyhow::Result<()> {
 fn host_namespace(kind: &str) -> anyhow::Result<u64> {
     let pid1 = std::fs::metadata(format!("/proc/1/ns/{kind}"));
     let found = pid1.or_else(|_| std::fs::metadata(format!("/proc/2/ns/{kind}")));
-    Ok(found.with_context(|| format!("reading the host's {kind} namespace (/proc/1/ns/{kind}, /proc/2/ns/{kind})"))?.ino())
+    Ok(found
+        .with_context(|| format!("reading the host's {kind} namespace (/proc/1/ns/{kind}, /proc/2/ns/{kind})"))?
+        .ino())
 }
 
 fn own_namespace(link: &str) -> anyhow::Result<u64> {
@@ -57,10 +60,17 @@ fn namespace_cookie() -> anyhow::Result<u64> {
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie and len are valid for getsockopt to fill.
     let ret = unsafe {
-        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
     };
     if ret != 0 {
-        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE): the kernel is older than 5.14");
+        return Err(std::io::Error::last_os_error())
+            .context("getsockopt(SO_NETNS_COOKIE): the kernel is older than 5.14");
     }
     Ok(cookie)
 }

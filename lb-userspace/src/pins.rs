@@ -58,7 +58,9 @@ pub fn remove_pins(dir: &Path, pins: &[PathBuf]) -> anyhow::Result<()> {
     }
     // remove_dir fails on a directory that still holds pins: that is the "still in use" case.
     if std::fs::remove_dir(dir).is_ok() {
-        if let Some(parent) = dir.parent().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("netns-"))) {
+        if let Some(parent) =
+            dir.parent().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("netns-")))
+        {
             let _still_in_use = std::fs::remove_dir(parent);
         }
     }

@@ -32,7 +32,8 @@ pub fn preflight(artifact: &Artifact, host: &HostParams) -> anyhow::Result<usize
         for flow in 0..FLOWS_PER_VIP {
             let probe = Probe::for_vip(vip, flow);
             let frame = probe.frame();
-            let (action, out) = loaded.test_run(&frame).with_context(|| format!("pre-flight: running {}", probe.describe()))?;
+            let (action, out) =
+                loaded.test_run(&frame).with_context(|| format!("pre-flight: running {}", probe.describe()))?;
             let expected = artifact
                 .generation
                 .predict_backend(probe.src, vip.address, probe.sport, probe.dport, vip.protocol.number())
@@ -67,7 +68,14 @@ impl Probe {
     }
 
     fn describe(&self) -> String {
-        format!("{} packet {}:{} -> {}:{}", if self.protocol == IPPROTO_TCP { "TCP SYN" } else { "UDP" }, self.src, self.sport, self.dst, self.dport)
+        format!(
+            "{} packet {}:{} -> {}:{}",
+            if self.protocol == IPPROTO_TCP { "TCP SYN" } else { "UDP" },
+            self.src,
+            self.sport,
+            self.dst,
+            self.dport
+        )
     }
 
     fn transport(&self) -> Vec<u8> {
@@ -75,7 +83,24 @@ impl Probe {
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
         if self.protocol == IPPROTO_TCP {
-            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, (TCP_HEADER_LEN as u8 / 4) << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+            l4.extend_from_slice(&[
+                0,
+                0,
+                0,
+                1,
+                0,
+                0,
+                0,
+                0,
+                (TCP_HEADER_LEN as u8 / 4) << 4,
+                0x02,
+                0xff,
+                0xff,
+                0,
+                0,
+                0,
+                0,
+            ]);
         } else {
             l4.extend_from_slice(&(UDP_HEADER_LEN as u16 + 4).to_be_bytes());
             l4.extend_from_slice(&[0, 0]);
@@ -113,7 +138,8 @@ impl Probe {
                 (ETH_P_IPV6, bytes_of(&ip).to_vec())
             }
         };
-        let eth = EthHdr { dst: [0x02, 0, 0, 0, 0, 0xb1], src: [0x02, 0, 0, 0, 0, 0xc1], ether_type: ether_type.to_be() };
+        let eth =
+            EthHdr { dst: [0x02, 0, 0, 0, 0, 0xb1], src: [0x02, 0, 0, 0, 0, 0xc1], ether_type: ether_type.to_be() };
         [bytes_of(&eth), &ip, &l4].concat()
     }
 }
@@ -149,6 +175,8 @@ fn check_encapsulated(input: &[u8], action: u32, out: &[u8], backend: IpAddr, ho
 }
 
 fn read<T: bytemuck::Pod>(bytes: &[u8], at: usize) -> anyhow::Result<T> {
-    let slice = bytes.get(at..at + std::mem::size_of::<T>()).with_context(|| format!("output frame of {} bytes is too short", bytes.len()))?;
+    let slice = bytes
+        .get(at..at + std::mem::size_of::<T>())
+        .with_context(|| format!("output frame of {} bytes is too short", bytes.len()))?;
     Ok(bytemuck::pod_read_unaligned(slice))
 }

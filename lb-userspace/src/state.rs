@@ -147,12 +147,20 @@ impl StateDir {
         let dir = self.iface_dir(key);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                bail!("another ballast command is changing {key} right now (lock {} held); try again when it is done", path.display());
+                bail!(
+                    "another ballast command is changing {key} right now (lock {} held); try again when it is done",
+                    path.display()
+                );
             }
             return Err(err).with_context(|| format!("locking {}", path.display()));
         }
@@ -178,7 +186,9 @@ impl StateDir {
     pub fn remove_record(&self, key: &str) -> anyhow::Result<()> {
         let path = self.iface_dir(key).join("record.json");
         match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", path.display())),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
             _ => Ok(()),
         }
     }
@@ -187,7 +197,11 @@ impl StateDir {
         let path = self.root.join("audit.jsonl");
         let mut line = serde_json::to_string(entry).context("rendering the audit entry")?;
         line.push('\n');
-        let mut file = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         // One write of one line to an O_APPEND file: entries never interleave.
         file.write_all(line.as_bytes()).with_context(|| format!("appending to {}", path.display()))
     }
@@ -201,7 +215,8 @@ impl StateDir {
         };
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let entry: AuditEntry = serde_json::from_str(line).with_context(|| format!("{}: line {}", path.display(), n + 1))?;
+            let entry: AuditEntry =
+                serde_json::from_str(line).with_context(|| format!("{}: line {}", path.display(), n + 1))?;
             if entry.iface == key {
                 entries.push(entry);
             }

@@ -117,10 +117,10 @@ impl Running {
         pins::ensure_bpffs()?;
         let dir = pins::pin_dir(iface)?;
         let link_path = pins::link_pin(&dir);
-        let link = FdLink::from(
-            PinnedLink::from_pin(&link_path)
-                .with_context(|| format!("no ballast generation runs on {iface} (no pin at {})", link_path.display()))?,
-        );
+        let link =
+            FdLink::from(PinnedLink::from_pin(&link_path).with_context(|| {
+                format!("no ballast generation runs on {iface} (no pin at {})", link_path.display())
+            })?);
         // A swap can replace the link's program between reading its id and opening it: read
         // the link again then.
         let mut attempts = 0;
@@ -182,11 +182,13 @@ impl Running {
     }
 
     pub fn tables(&self) -> anyhow::Result<KernelTables> {
-        let vip_slots: Vec<VipSlot> = Array::<_, VipSlot>::try_from(&self.map(MAP_VIPS)?)?.iter().collect::<Result<_, _>>()?;
+        let vip_slots: Vec<VipSlot> =
+            Array::<_, VipSlot>::try_from(&self.map(MAP_VIPS)?)?.iter().collect::<Result<_, _>>()?;
         let mut vip_entries: Vec<(VipKey, VipMeta)> =
             vip_slots.iter().filter(|s| s.key.family != 0).map(|s| (s.key, s.meta)).collect();
         vip_entries.sort_by_key(|(k, _)| *k);
-        let backends: Vec<Backend> = Array::<_, Backend>::try_from(&self.map(MAP_BACKENDS)?)?.iter().collect::<Result<_, _>>()?;
+        let backends: Vec<Backend> =
+            Array::<_, Backend>::try_from(&self.map(MAP_BACKENDS)?)?.iter().collect::<Result<_, _>>()?;
         let mut maglev: Vec<u32> =
             Array::<_, MaglevChunk>::try_from(&self.map(MAP_MAGLEV)?)?.iter().collect::<Result<Vec<_>, _>>()?.concat();
         let entries: u64 = vip_entries.iter().map(|(_, m)| m.table_size as u64).sum();
@@ -231,11 +233,20 @@ pub fn status(iface: &str) -> anyhow::Result<Status> {
         maps: running.maps,
         vips,
         backends: tables.backends.len(),
-        reasons: Reason::ALL.iter().map(|r| (r.name(), counters.reasons.get(*r as usize).copied().unwrap_or(0))).collect(),
+        reasons: Reason::ALL
+            .iter()
+            .map(|r| (r.name(), counters.reasons.get(*r as usize).copied().unwrap_or(0)))
+            .collect(),
     })
 }
 
-fn vip_status(key: &VipKey, meta: &VipMeta, backends: &[Backend], maglev: &[u32], counters: &CounterSnapshot) -> VipStatus {
+fn vip_status(
+    key: &VipKey,
+    meta: &VipMeta,
+    backends: &[Backend],
+    maglev: &[u32],
+    counters: &CounterSnapshot,
+) -> VipStatus {
     let start = meta.table_offset as usize;
     let table = maglev.get(start..start + meta.table_size as usize).unwrap_or_default();
     let mut entries: BTreeMap<u32, usize> = BTreeMap::new();
@@ -248,7 +259,11 @@ fn vip_status(key: &VipKey, meta: &VipMeta, backends: &[Backend], maglev: &[u32]
     let protocol = if key.protocol == lb_common::wire::IPPROTO_TCP { "tcp" } else { "udp" };
     let port = u16::from_be(key.port);
     VipStatus {
-        vip: if address.is_ipv4() { format!("{address}:{port}/{protocol}") } else { format!("[{address}]:{port}/{protocol}") },
+        vip: if address.is_ipv4() {
+            format!("{address}:{port}/{protocol}")
+        } else {
+            format!("[{address}]:{port}/{protocol}")
+        },
         table_size: meta.table_size,
         packets: vip_counter.packets,
         bytes: vip_counter.bytes,
@@ -275,8 +290,19 @@ pub fn render(status: &Status) -> String {
         out.push_str(&text);
         out.push('\n');
     };
-    line(&mut out, format!("interface {}: generation attached (link {}, pinned in {})", status.iface, status.link_id, status.pin_dir.display()));
-    line(&mut out, format!("generation {}", status.generation.as_deref().unwrap_or("(no digest: loaded without an artifact)")));
+    line(
+        &mut out,
+        format!(
+            "interface {}: generation attached (link {}, pinned in {})",
+            status.iface,
+            status.link_id,
+            status.pin_dir.display()
+        ),
+    );
+    line(
+        &mut out,
+        format!("generation {}", status.generation.as_deref().unwrap_or("(no digest: loaded without an artifact)")),
+    );
     line(
         &mut out,
         format!(
@@ -290,17 +316,39 @@ pub fn render(status: &Status) -> String {
     for m in &status.maps {
         let ro = if m.read_only_for_program { "read-only for programs" } else { "writable by programs" };
         let frozen = if m.frozen { "frozen" } else { "not frozen" };
-        line(&mut out, format!("map       {:<9} {:<16} id {:<6} {:>8} entries  {ro}, {frozen}", m.role, m.name, m.id, m.max_entries));
+        line(
+            &mut out,
+            format!(
+                "map       {:<9} {:<16} id {:<6} {:>8} entries  {ro}, {frozen}",
+                m.role, m.name, m.id, m.max_entries
+            ),
+        );
     }
     line(&mut out, format!("vips      {} VIPs, {} backends", status.vips.len(), status.backends));
     for vip in &status.vips {
-        line(&mut out, format!("  {}  table {}  {} packets, {} bytes", vip.vip, vip.table_size, vip.packets, vip.bytes));
+        line(
+            &mut out,
+            format!("  {}  table {}  {} packets, {} bytes", vip.vip, vip.table_size, vip.packets, vip.bytes),
+        );
         for b in &vip.backends {
-            line(&mut out, format!("    -> {:<40} {:>6.2}% of table  {} packets, {} bytes", b.address, b.share * 100.0, b.packets, b.bytes));
+            line(
+                &mut out,
+                format!(
+                    "    -> {:<40} {:>6.2}% of table  {} packets, {} bytes",
+                    b.address,
+                    b.share * 100.0,
+                    b.packets,
+                    b.bytes
+                ),
+            );
         }
     }
-    let reasons: Vec<String> = status.reasons.iter().filter(|(_, n)| **n > 0).map(|(r, n)| format!("{r} {n}")).collect();
-    line(&mut out, format!("verdicts  {}", if reasons.is_empty() { "none yet".to_owned() } else { reasons.join(", ") }));
+    let reasons: Vec<String> =
+        status.reasons.iter().filter(|(_, n)| **n > 0).map(|(r, n)| format!("{r} {n}")).collect();
+    line(
+        &mut out,
+        format!("verdicts  {}", if reasons.is_empty() { "none yet".to_owned() } else { reasons.join(", ") }),
+    );
     out
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use ballast::config::EXAMPLE_CONFIG;
@@ -293,8 +293,8 @@ fn same_interface_name_in_two_namespaces() {
     assert_eq!(second.status(LB_IF).program_id(), second_program);
 }
 
-/// How many fresh namespaces to try for one that gets a deleted namespace's inode.
-const INODE_REUSE_ATTEMPTS: usize = 8;
+/// How long to wait for a parallel test to give back a deleted namespace's inode.
+const INODE_REUSE_WAIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn a_deleted_namespace_leaves_nothing_to_its_inode_successor() {
@@ -309,15 +309,27 @@ fn a_deleted_namespace_leaves_nothing_to_its_inode_successor() {
     // the XDP attachment, are gone; the pins are left behind under its inode.
     let (inode, stale_pins) = deleted.delete_without_detaching();
     let _stale = StalePins(stale_pins);
-    // The kernel hands out the lowest free namespace inode: the next namespace usually gets it.
-    let mut tried = Vec::new();
+    // The kernel hands out the lowest free namespace inode. A candidate below it fills a gap
+    // and is kept; one above it means a parallel test holds the inode now: give the candidate
+    // back and wait for that test to end.
+    let deadline = Instant::now() + INODE_REUSE_WAIT;
+    let mut gap_fillers = Vec::new();
     let successor = loop {
-        let candidate = with_lb_veth(Netns::create_with_state(&format!("ru{}", tried.len()), state.clone()));
+        let tag = format!("ru{}", gap_fillers.len());
+        let candidate = with_lb_veth(Netns::create_with_state(&tag, state.clone()));
         if candidate.inode() == inode {
             break candidate;
         }
-        tried.push(candidate);
-        assert!(tried.len() < INODE_REUSE_ATTEMPTS, "no new namespace got inode {inode} back: cannot check");
+        assert!(
+            Instant::now() < deadline,
+            "no new namespace got inode {inode} back in {INODE_REUSE_WAIT:?}: cannot check"
+        );
+        if candidate.inode() < inode {
+            gap_fillers.push(candidate);
+        } else {
+            drop(candidate);
+            std::thread::sleep(Duration::from_millis(200));
+        }
     };
     assert_eq!(successor.xdp_program_id(LB_IF), None, "a fresh veth has no XDP program");
     let attach = successor.attach(LB_IF, &config, SOME_GATEWAY_MAC);
@@ -528,7 +540,12 @@ fn send_dns_queries(client: &Netns, source_ports: u64) {
 
 fn packets_by_backend(status: &common::RunningStatus) -> std::collections::BTreeMap<String, u64> {
     let vip = status.vip(DNS_VIP);
-    vip["backends"].as_array().unwrap().iter().map(|b| (b["address"].as_str().unwrap().to_owned(), status.number(&b["packets"]))).collect()
+    vip["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["address"].as_str().unwrap().to_owned(), status.number(&b["packets"])))
+        .collect()
 }
 
 #[test]
@@ -541,7 +558,8 @@ fn counters_follow_their_backend_across_a_swap() {
     lb.add_veth(LB_IF, Some(&format!("{LB_ADDR}/24")), &client, CLIENT_IF, Some(&format!("{CLIENT_ADDR}/24")));
     client.ip(&["route", "add", "192.0.2.0/24", "via", LB_ADDR]);
     client.ballast(&["decap", "attach", "--iface", CLIENT_IF, "--address", "192.0.2.250"]).expect_success();
-    lb.attach(LB_IF, &dns_config("ct1", &["10.2.0.1", "10.2.0.2", "10.2.0.3"]), &client.mac(CLIENT_IF)).expect_success();
+    lb.attach(LB_IF, &dns_config("ct1", &["10.2.0.1", "10.2.0.2", "10.2.0.3"]), &client.mac(CLIENT_IF))
+        .expect_success();
     send_dns_queries(&client, 300);
     assert!(wait_until(Duration::from_secs(3), || lb.status(LB_IF).reason("forwarded") >= 300));
     let before = packets_by_backend(&lb.status(LB_IF));
@@ -553,7 +571,10 @@ fn counters_follow_their_backend_across_a_swap() {
     lb.ballast(&["swap", next.arg(), "--iface", LB_IF]).expect_success();
     let after = packets_by_backend(&lb.status(LB_IF));
     for survivor in ["10.2.0.2", "10.2.0.3"] {
-        assert_eq!(after[survivor], before[survivor], "{survivor} lost or gained counts in the swap: {before:?} -> {after:?}");
+        assert_eq!(
+            after[survivor], before[survivor],
+            "{survivor} lost or gained counts in the swap: {before:?} -> {after:?}"
+        );
     }
     assert_eq!(after["10.2.0.4"], 0, "a new backend starts from zero: {after:?}");
     assert_eq!(lb.status(LB_IF).number(&lb.status(LB_IF).vip(DNS_VIP)["packets"]), 300, "the VIP counter carries over");

@@ -150,7 +150,8 @@ fn a_flow_always_reaches_the_same_backend() {
 fn two_load_balancers_send_every_flow_to_the_same_backend() {
     let Some(lab) = lab_up("fleet", 4, 2) else { return };
     let generation = attach(&lab, &weights(4));
-    let flows = [flows(Protocol::Tcp, false, 400), flows(Protocol::Tcp, true, 300), flows(Protocol::Udp, false, 300)].concat();
+    let flows =
+        [flows(Protocol::Tcp, false, 400), flows(Protocol::Tcp, true, 300), flows(Protocol::Udp, false, 300)].concat();
     let replies = lab.send(&flows).unwrap();
     assert_all_as_predicted(&generation, &replies);
     let (lb1, lb2) = (forwarded(&lab, 1), forwarded(&lab, 2));
@@ -218,7 +219,8 @@ fn swaps_under_continuous_traffic_lose_nothing() {
     let (first, _) = build(&lab, "a", &lab::config(&weights(4)));
     let without_b4 = lab::config_by_vip(|protocol, _| weights(if protocol == Protocol::Udp { 3 } else { 4 }));
     let (second, _) = build(&lab, "b", &without_b4);
-    let flows = [flows(Protocol::Tcp, false, 100), flows(Protocol::Tcp, true, 100), flows(Protocol::Udp, false, 200)].concat();
+    let flows =
+        [flows(Protocol::Tcp, false, 100), flows(Protocol::Tcp, true, 100), flows(Protocol::Udp, false, 200)].concat();
     let load = lab.start_load(&flows);
     for round in 0..20 {
         swap(&lab, if round % 2 == 0 { &second } else { &first });
@@ -227,7 +229,12 @@ fn swaps_under_continuous_traffic_lose_nothing() {
     let replies = load.stop().unwrap();
     let failed = lab::failures(&replies);
     let count = |protocol| replies.iter().filter(|r| r.flow.protocol == protocol).count();
-    eprintln!("swap: {} TCP connections, {} UDP requests during 20 swaps, {} failed", count(Protocol::Tcp), count(Protocol::Udp), failed.len());
+    eprintln!(
+        "swap: {} TCP connections, {} UDP requests during 20 swaps, {} failed",
+        count(Protocol::Tcp),
+        count(Protocol::Udp),
+        failed.len()
+    );
     assert!(failed.is_empty(), "{} of {} requests failed, e.g. {:?}", failed.len(), replies.len(), failed.first());
     assert!(count(Protocol::Tcp) > 1000 && count(Protocol::Udp) > 1000, "too little traffic to tell");
     lab.on_each_lb(&["verify"]).unwrap();

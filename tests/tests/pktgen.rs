@@ -40,8 +40,24 @@ const BASE: [&str; 7] = ["--dry-run", "-i", "eth9", "-d", "198.18.0.10", "-m", "
 fn dry_run_configures_every_thread_for_many_flows_at_the_vip() {
     let mut args = BASE.to_vec();
     args.extend([
-        "-p", "5353", "-s", "128", "-c", "5000", "-t", "2", "-f", "3", "--sport-min", "2000", "--sport-max", "2999",
-        "--src-min", "198.19.0.1", "--src-max", "198.19.3.254",
+        "-p",
+        "5353",
+        "-s",
+        "128",
+        "-c",
+        "5000",
+        "-t",
+        "2",
+        "-f",
+        "3",
+        "--sport-min",
+        "2000",
+        "--sport-max",
+        "2999",
+        "--src-min",
+        "198.19.0.1",
+        "--src-max",
+        "198.19.3.254",
     ]);
     let commands = commands(&args);
     assert_eq!(commands.first().map(|(f, c)| (f.as_str(), c.as_str())), Some(("pgctrl", "reset")));
@@ -49,7 +65,10 @@ fn dry_run_configures_every_thread_for_many_flows_at_the_vip() {
     // Threads 3 and 4, each with its own device and half of the source ports.
     for (thread, ports) in [(3, ("2000", "2499")), (4, ("2500", "2999"))] {
         let dev = format!("eth9@{thread}");
-        assert_eq!(sent_to(&commands, &format!("kpktgend_{thread}")), ["rem_device_all", format!("add_device {dev}").as_str()]);
+        assert_eq!(
+            sent_to(&commands, &format!("kpktgend_{thread}")),
+            ["rem_device_all", format!("add_device {dev}").as_str()]
+        );
         let sent = sent_to(&commands, &dev);
         for expected in [
             "count 5000".to_owned(),
@@ -99,7 +118,18 @@ fn refusals_name_the_option() {
         ([BASE.as_slice(), &["-c", "many"]].concat(), "COUNT: 'many' is not a number"),
         ([BASE.as_slice(), &["--bogus"]].concat(), "unknown option '--bogus'"),
         (
-            vec!["--dry-run", "-6", "-i", "eth9", "-d", "2001:db8::10", "-m", "02:00:00:00:00:02", "--src-min", "198.19.0.1"],
+            vec![
+                "--dry-run",
+                "-6",
+                "-i",
+                "eth9",
+                "-d",
+                "2001:db8::10",
+                "-m",
+                "02:00:00:00:00:02",
+                "--src-min",
+                "198.19.0.1",
+            ],
             "IPv4 only",
         ),
     ] {

@@ -10,7 +10,13 @@ use ballast::{
 use ballast_tests::require_root;
 
 fn host() -> HostParams {
-    HostParams { gateway_mac: [2, 0, 0, 0, 0, 1], iface_mac: [2, 0, 0, 0, 0, 2], source_v4: None, source_v6: None, mtu: 1500 }
+    HostParams {
+        gateway_mac: [2, 0, 0, 0, 0, 1],
+        iface_mac: [2, 0, 0, 0, 0, 2],
+        source_v4: None,
+        source_v6: None,
+        mtu: 1500,
+    }
 }
 
 fn vip(address: &str, port: u16, backend: &str) -> String {

@@ -151,6 +151,9 @@ mod tests {
             Ok(Task::Bench { quick, json }) => assert!(quick && json == Some(PathBuf::from("out.json"))),
             _ => panic!("`bench --quick --json out.json` did not parse as the bench task"),
         }
-        assert!(matches!(Cli::try_parse_from(["xtask", "bench"]).map(|cli| cli.task), Ok(Task::Bench { quick: false, json: None })));
+        assert!(matches!(
+            Cli::try_parse_from(["xtask", "bench"]).map(|cli| cli.task),
+            Ok(Task::Bench { quick: false, json: None })
+        ));
     }
 }

@@ -9,16 +9,8 @@ use anyhow::{bail, Context, Result};
 use crate::process;
 
 /// Build (LLVM 22 for bpf-linker, matching nightly's LLVM) and kernel-test tools.
-const APT_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "iproute2",
-    "ethtool",
-    "tcpdump",
-    "bpftool",
-    "iputils-ping",
-];
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "iproute2", "ethtool", "tcpdump", "bpftool", "iputils-ping"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The bpf-linker release known to build with stable 1.95 against LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -68,10 +60,7 @@ fn refuse_root_steps_unless_root(missing_packages: &[&str], bpffs_mounted: bool)
     if root_steps.is_empty() || is_root()? {
         return Ok(());
     }
-    bail!(
-        "setup needs root for: {}; run `cargo xtask setup` as root",
-        root_steps.join("; ")
-    )
+    bail!("setup needs root for: {}; run `cargo xtask setup` as root", root_steps.join("; "))
 }
 
 /// Effective uid 0, read from /proc so no unsafe call is needed.
@@ -122,9 +111,7 @@ fn nightly() -> Nightly {
     components.args(["component", "list", "--toolchain", "nightly", "--installed"]);
     match process::stdout_of(&mut components) {
         None => Nightly::Missing,
-        Some(installed) if installed.lines().any(|component| component.trim() == "rust-src") => {
-            Nightly::WithRustSrc
-        }
+        Some(installed) if installed.lines().any(|component| component.trim() == "rust-src") => Nightly::WithRustSrc,
         Some(_) => Nightly::WithoutRustSrc,
     }
 }

@@ -202,7 +202,11 @@ fn library_lifecycle(
     let start = Instant::now();
     next.replace_on(link)?;
     times.link_update.push(ms(start));
-    Ok(Facts { memory: memory_of(&loaded)?, verifier: loaded.verifier_stats()?, table_entries: generation.maglev.len() })
+    Ok(Facts {
+        memory: memory_of(&loaded)?,
+        verifier: loaded.verifier_stats()?,
+        table_entries: generation.maglev.len(),
+    })
 }
 
 /// What the `ballast attach` and `ballast swap` commands do, through their library calls,
@@ -221,7 +225,8 @@ fn commands_lifecycle(times: &mut Lifecycle, text: &str, variant: &str, host: &H
     times.ballast_attach.push(ms(start));
     let start = Instant::now();
     let artifact = load_generation_file(&session.variant)?;
-    generations::swap(&session.state, &Target::new(LB_IF)?, &artifact, &generations::Change::command("swap")).context("ballast swap")?;
+    generations::swap(&session.state, &Target::new(LB_IF)?, &artifact, &generations::Change::command("swap"))
+        .context("ballast swap")?;
     times.ballast_swap.push(ms(start));
     Ok(())
 }

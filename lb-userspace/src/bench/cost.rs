@@ -141,7 +141,12 @@ fn measure_row(
 /// A warm-up round, then `settings.runs` rounds of: the harness into each target in turn
 /// (so drift hits all alike), then `xdp_drop` alone. Returns the figures and how many
 /// packets each target ran.
-fn run_rounds(settings: &Settings, harness: &mut Harness, targets: &[Target; 3], frame: &[u8]) -> anyhow::Result<(Raw, u64)> {
+fn run_rounds(
+    settings: &Settings,
+    harness: &mut Harness,
+    targets: &[Target; 3],
+    frame: &[u8],
+) -> anyhow::Result<(Raw, u64)> {
     let mut series: [Vec<f64>; 3] = Default::default();
     let mut floor = Vec::new();
     let mut packets = 0u64;
@@ -171,7 +176,12 @@ fn run_target(harness: &mut Harness, target: &Target, repeat: u32) -> anyhow::Re
     harness.set_target(target.program)?;
     let run = harness.run(repeat)?;
     if run.action != target.action {
-        bail!("{} returned {} where {} was expected (0 is the harness's XDP_ABORTED)", target.name, run.action, target.action);
+        bail!(
+            "{} returned {} where {} was expected (0 is the harness's XDP_ABORTED)",
+            target.name,
+            run.action,
+            target.action
+        );
     }
     Ok(run.ns_per_packet)
 }
@@ -190,7 +200,8 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
     let baseline_ns = Summary::of(&net(&baseline));
     let ballast_ns = Summary::of(&net(&ballast));
     let floor_ns = Summary::of(&floor);
-    let runs = [("harness + xdp_drop", &harness), ("baseline", &baseline), ("ballast", &ballast), ("xdp_drop alone", &floor)];
+    let runs =
+        [("harness + xdp_drop", &harness), ("baseline", &baseline), ("ballast", &ballast), ("xdp_drop alone", &floor)];
     let warnings = runs
         .iter()
         .filter_map(|(what, raw)| Summary::of(raw).warning(&format!("{} / {} / {what}", scenario.label, case.name())))
@@ -263,12 +274,14 @@ fn prove(before: &Observed, after: &Observed, deployed: &Deployed, case: Case, p
     };
     let vips = packets_of(&after.ballast.vips, &before.ballast.vips);
     let backends_hit = packets_of(&after.ballast.backends, &before.ballast.backends).iter().filter(|&&n| n > 0).count();
-    let vip_packets = target_vip_index(deployed, case.class)
-        .map_or(0, |index| vips.get(index).copied().unwrap_or(0));
+    let vip_packets = target_vip_index(deployed, case.class).map_or(0, |index| vips.get(index).copied().unwrap_or(0));
     let forwarded = expected == Reason::Forwarded;
     let expected_vip_packets = if forwarded { packets } else { 0 };
-    ensure!(vip_packets == expected_vip_packets && vips.iter().sum::<u64>() == expected_vip_packets,
-        "VIP counters moved by {} in all, {vip_packets} for the target VIP; {expected_vip_packets} expected", vips.iter().sum::<u64>());
+    ensure!(
+        vip_packets == expected_vip_packets && vips.iter().sum::<u64>() == expected_vip_packets,
+        "VIP counters moved by {} in all, {vip_packets} for the target VIP; {expected_vip_packets} expected",
+        vips.iter().sum::<u64>()
+    );
     let backends_ok = match (forwarded, case.new_flow) {
         (false, _) => backends_hit == 0,
         (true, false) => backends_hit == 1,

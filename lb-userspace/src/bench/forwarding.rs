@@ -88,7 +88,8 @@ pub fn measure(
     ends: &Ends,
 ) -> anyhow::Result<Forwarding> {
     let _sink = harness.attach_sink(ends.gen.index).context("attaching the sink to the generator's veth end")?;
-    let targets: Vec<Target> = std::iter::once(Target::Baseline).chain((0..scenarios.len()).map(Target::Ballast)).collect();
+    let targets: Vec<Target> =
+        std::iter::once(Target::Baseline).chain((0..scenarios.len()).map(Target::Ballast)).collect();
     let mut runs: Vec<Vec<ForwardRun>> = vec![Vec::new(); targets.len()];
     for round in 0..settings.forward_runs {
         for (target, runs) in targets.iter().zip(runs.iter_mut()) {
@@ -99,7 +100,8 @@ pub fn measure(
             runs.push(run);
         }
     }
-    let mpps: Vec<Summary> = runs.iter().map(|r| Summary::of(&r.iter().map(|run| run.mpps).collect::<Vec<_>>())).collect();
+    let mpps: Vec<Summary> =
+        runs.iter().map(|r| Summary::of(&r.iter().map(|run| run.mpps).collect::<Vec<_>>())).collect();
     let baseline_mpps = mpps.first().map_or(f64::NAN, |s| s.median);
     let rows = targets
         .iter()
@@ -219,7 +221,10 @@ fn check(before: &Observed, after: &Observed, generated: &Generated) -> anyhow::
             Some(seen)
         }
         _ => {
-            ensure!(encapsulated == 0, "the baseline does not encapsulate, yet {encapsulated} frames came back encapsulated");
+            ensure!(
+                encapsulated == 0,
+                "the baseline does not encapsulate, yet {encapsulated} frames came back encapsulated"
+            );
             None
         }
     };

@@ -7,7 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use bytemuck::bytes_of;
 use lb_common::{
     maps::Reason,
-    wire::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HEADER_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_DONT_FRAGMENT},
+    wire::{
+        EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HEADER_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_DONT_FRAGMENT,
+    },
 };
 
 pub const HASH_SEED: u32 = 0x5eed;
@@ -153,7 +155,12 @@ impl VipPlan {
         for kind in VipKind::ALL {
             for index in 0..self.count(kind) {
                 let address = kind.address(index);
-                let _ = write!(text, "[[vip]]\naddress = \"{address}\"\nport = {}\nprotocol = \"{}\"\n", kind.port(), kind.protocol());
+                let _ = write!(
+                    text,
+                    "[[vip]]\naddress = \"{address}\"\nport = {}\nprotocol = \"{}\"\n",
+                    kind.port(),
+                    kind.protocol()
+                );
                 if let Some(size) = self.table_size {
                     let _ = writeln!(text, "table_size = {size}");
                 }

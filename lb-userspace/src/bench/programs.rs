@@ -70,7 +70,11 @@ impl Harness {
     /// `bench_generator` redirects to `redirect_ifindex`.
     pub fn set_frame(&mut self, frame: &Frame, new_flow: bool, redirect_ifindex: u32) -> anyhow::Result<()> {
         if !frame.bytes.len().is_multiple_of(8) || frame.bytes.len() > TEMPLATE_WORDS * 8 {
-            bail!("a template frame is a multiple of 8 bytes, at most {}; got {}", TEMPLATE_WORDS * 8, frame.bytes.len());
+            bail!(
+                "a template frame is a multiple of 8 bytes, at most {}; got {}",
+                TEMPLATE_WORDS * 8,
+                frame.bytes.len()
+            );
         }
         let mut words = [0u64; TEMPLATE_WORDS];
         for (word, chunk) in words.iter_mut().zip(frame.bytes.chunks_exact(8)) {
@@ -114,8 +118,9 @@ impl Harness {
             attrs: TestRunAttrs::new().xdp_live_frames(batch),
             ..TestRunOptions::new()
         };
-        let result =
-            xdp(&self.ebpf, GENERATOR)?.test_run(options).context("BPF_PROG_TEST_RUN (live frames) of the generator")?;
+        let result = xdp(&self.ebpf, GENERATOR)?
+            .test_run(options)
+            .context("BPF_PROG_TEST_RUN (live frames) of the generator")?;
         Ok(result.duration.as_nanos() as f64)
     }
 

@@ -3,12 +3,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{
-    control::ControlPlane,
-    cost::PacketCost,
-    forwarding::Forwarding,
-    stats::Summary,
-};
+use super::{control::ControlPlane, cost::PacketCost, forwarding::Forwarding, stats::Summary};
 use crate::loader::VerifierStats;
 
 #[derive(Serialize)]
@@ -86,7 +81,14 @@ impl Report {
             for g in &scenario.generations {
                 let sizes: Vec<String> = g.table_sizes.iter().map(u32::to_string).collect();
                 let insns = g.verifier.xlated_instructions.map_or("?".to_owned(), |n| n.to_string());
-                let _ = writeln!(out, "| {} | {} | {} | {} | {insns} |", scenario.label, g.vip_mix, g.backends, sizes.join(", "));
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {insns} |",
+                    scenario.label,
+                    g.vip_mix,
+                    g.backends,
+                    sizes.join(", ")
+                );
             }
         }
         let _ = writeln!(out);
@@ -174,7 +176,14 @@ impl Report {
         let _ = writeln!(out, "| Maglev table build | ms | Maglev paper |");
         let _ = writeln!(out, "|---|---|---|");
         for row in &control.maglev {
-            let _ = writeln!(out, "| M={}, N={} | {} | {} |", row.table_size, row.backends, range(&row.ms, 2), row.paper_ms);
+            let _ = writeln!(
+                out,
+                "| M={}, N={} | {} | {} |",
+                row.table_size,
+                row.backends,
+                range(&row.ms, 2),
+                row.paper_ms
+            );
         }
         let _ = writeln!(out);
         let _ = writeln!(
@@ -212,7 +221,8 @@ impl Report {
         let header: Vec<String> = generations.iter().map(|g| format!("{} × {}", g.vips, g.backends_per_vip)).collect();
         let _ = writeln!(out, "| Map | {} |", header.join(" | "));
         let _ = writeln!(out, "|---|{}", "---|".repeat(generations.len()));
-        let names: Vec<String> = generations.first().map(|g| g.memory.maps.iter().map(|m| m.name.clone()).collect()).unwrap_or_default();
+        let names: Vec<String> =
+            generations.first().map(|g| g.memory.maps.iter().map(|m| m.name.clone()).collect()).unwrap_or_default();
         let kib = |bytes: u64| format!("{:.1}", bytes as f64 / 1024.0);
         for name in &names {
             let cells: Vec<String> = generations
@@ -225,6 +235,7 @@ impl Report {
         let total: Vec<String> = generations.iter().map(|g| format!("**{}**", kib(g.memory.total_bytes))).collect();
         let _ = writeln!(out, "| program | {} |", program.join(" | "));
         let _ = writeln!(out, "| **total** | {} |", total.join(" | "));
-        let _ = writeln!(out, "\nPer-CPU counter maps are charged once per possible CPU ({} here).\n", self.possible_cpus);
+        let _ =
+            writeln!(out, "\nPer-CPU counter maps are charged once per possible CPU ({} here).\n", self.possible_cpus);
     }
 }

@@ -38,7 +38,12 @@ struct BallastCollector {
 
 type Labels = Vec<(&'static str, String)>;
 
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, samples: &[(Labels, u64)]) -> Result<(), std::fmt::Error> {
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, ConstCounter::new(0u64).metric_type())?;
     for (labels, value) in samples {
         ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
@@ -46,7 +51,12 @@ fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, samples: &[(
     Ok(())
 }
 
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, samples: &[(Labels, i64)]) -> Result<(), std::fmt::Error> {
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, ConstGauge::new(0i64).metric_type())?;
     for (labels, value) in samples {
         ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
@@ -67,15 +77,40 @@ impl Collector for BallastCollector {
             counter(&mut encoder, "ballast_vip_bytes", "Bytes (inner IP) forwarded per VIP", &per_vip(|v| v.bytes))?;
             let per_backend = |f: fn(&status::BackendStatus) -> u64| -> Vec<(Labels, u64)> {
                 vips.iter()
-                    .flat_map(|v| v.backends.iter().map(move |b| (vec![("vip", v.vip.clone()), ("backend", b.address.clone())], f(b))))
+                    .flat_map(|v| {
+                        v.backends
+                            .iter()
+                            .map(move |b| (vec![("vip", v.vip.clone()), ("backend", b.address.clone())], f(b)))
+                    })
                     .collect()
             };
-            counter(&mut encoder, "ballast_backend_packets", "Packets forwarded per backend", &per_backend(|b| b.packets))?;
-            counter(&mut encoder, "ballast_backend_bytes", "Bytes (inner IP) forwarded per backend", &per_backend(|b| b.bytes))?;
-            let reasons: Vec<(Labels, u64)> = status.reasons.iter().map(|(r, n)| (vec![("reason", (*r).to_owned())], *n)).collect();
-            counter(&mut encoder, "ballast_verdicts", "Packets by verdict reason (see the README's data plane rules)", &reasons)?;
+            counter(
+                &mut encoder,
+                "ballast_backend_packets",
+                "Packets forwarded per backend",
+                &per_backend(|b| b.packets),
+            )?;
+            counter(
+                &mut encoder,
+                "ballast_backend_bytes",
+                "Bytes (inner IP) forwarded per backend",
+                &per_backend(|b| b.bytes),
+            )?;
+            let reasons: Vec<(Labels, u64)> =
+                status.reasons.iter().map(|(r, n)| (vec![("reason", (*r).to_owned())], *n)).collect();
+            counter(
+                &mut encoder,
+                "ballast_verdicts",
+                "Packets by verdict reason (see the README's data plane rules)",
+                &reasons,
+            )?;
             if let Some(digest) = &status.generation {
-                gauge(&mut encoder, "ballast_generation_info", "The running generation (value 1)", &[(vec![("digest", digest.clone())], 1)])?;
+                gauge(
+                    &mut encoder,
+                    "ballast_generation_info",
+                    "The running generation (value 1)",
+                    &[(vec![("digest", digest.clone())], 1)],
+                )?;
             }
         }
         let Ok(state) = self.state.lock() else { return Ok(()) };
@@ -85,11 +120,19 @@ impl Collector for BallastCollector {
             .map(|(id, up)| (vec![("vip", id.vip.clone()), ("backend", id.backend.to_string())], i64::from(*up)))
             .collect();
         gauge(&mut encoder, "ballast_backend_healthy", "1 if the backend passes its health check", &healthy)?;
-        let fail_open: Vec<(Labels, i64)> = state.fail_open.iter().map(|(v, open)| (vec![("vip", v.clone())], i64::from(*open))).collect();
-        gauge(&mut encoder, "ballast_vip_fail_open", "1 while too few backends are healthy and the VIP keeps its last good set", &fail_open)?;
-        let swaps: Vec<(Labels, u64)> = state.swaps.iter().map(|(c, n)| (vec![("cause", (*c).to_owned())], *n)).collect();
+        let fail_open: Vec<(Labels, i64)> =
+            state.fail_open.iter().map(|(v, open)| (vec![("vip", v.clone())], i64::from(*open))).collect();
+        gauge(
+            &mut encoder,
+            "ballast_vip_fail_open",
+            "1 while too few backends are healthy and the VIP keeps its last good set",
+            &fail_open,
+        )?;
+        let swaps: Vec<(Labels, u64)> =
+            state.swaps.iter().map(|(c, n)| (vec![("cause", (*c).to_owned())], *n)).collect();
         counter(&mut encoder, "ballast_swaps", "Generations swapped in by the daemon, by cause", &swaps)?;
-        let reloads: Vec<(Labels, u64)> = state.reloads.iter().map(|(r, n)| (vec![("result", (*r).to_owned())], *n)).collect();
+        let reloads: Vec<(Labels, u64)> =
+            state.reloads.iter().map(|(r, n)| (vec![("result", (*r).to_owned())], *n)).collect();
         counter(&mut encoder, "ballast_config_reloads", "Config reloads, by result", &reloads)?;
         Ok(())
     }

@@ -143,7 +143,9 @@ impl Daemon {
             let healthy: Vec<BackendConfig> = vip
                 .backends
                 .iter()
-                .filter(|b| self.health.get(&BackendId { vip: name.clone(), backend: b.address }).is_none_or(|h| h.healthy))
+                .filter(|b| {
+                    self.health.get(&BackendId { vip: name.clone(), backend: b.address }).is_none_or(|h| h.healthy)
+                })
                 .cloned()
                 .collect();
             let enough = healthy.len() as f64 >= self.config.daemon.min_healthy * vip.backends.len() as f64;
@@ -155,7 +157,9 @@ impl Daemon {
             let last: Vec<BackendConfig> = self
                 .applied
                 .get(&name)
-                .map(|set| set.iter().filter(|b| vip.backends.iter().any(|c| c.address == b.address)).cloned().collect())
+                .map(|set| {
+                    set.iter().filter(|b| vip.backends.iter().any(|c| c.address == b.address)).cloned().collect()
+                })
                 .unwrap_or_default();
             if last.iter().any(|b| b.weight > 0) {
                 vip.backends = last;
@@ -189,7 +193,8 @@ impl Daemon {
     }
 
     fn on_report(&mut self, report: Report) {
-        let Some(check) = self.config.vips.iter().find(|v| describe(v) == report.id.vip).and_then(|v| v.health.clone()) else {
+        let Some(check) = self.config.vips.iter().find(|v| describe(v) == report.id.vip).and_then(|v| v.health.clone())
+        else {
             return;
         };
         let Some(health) = self.health.get_mut(&report.id) else { return };
@@ -205,7 +210,8 @@ impl Daemon {
     fn apply(&mut self, cause: &'static str, reason: String) {
         let (config, failing_open) = self.desired();
         if let Ok(mut shared) = self.shared.lock() {
-            shared.fail_open = config.vips.iter().map(describe).map(|v| (v.clone(), failing_open.contains(&v))).collect();
+            shared.fail_open =
+                config.vips.iter().map(describe).map(|v| (v.clone(), failing_open.contains(&v))).collect();
         }
         for vip in &failing_open {
             error!(
@@ -259,9 +265,10 @@ impl Daemon {
 
     async fn serve(&mut self) -> anyhow::Result<()> {
         self.restart_checkers();
-        let metrics = self.options.metrics.map(|address| {
-            tokio::spawn(metrics::serve(address, self.target.iface.clone(), Arc::clone(&self.shared)))
-        });
+        let metrics = self
+            .options
+            .metrics
+            .map(|address| tokio::spawn(metrics::serve(address, self.target.iface.clone(), Arc::clone(&self.shared))));
         let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;

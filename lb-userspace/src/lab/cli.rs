@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use super::command::{in_netns, Ballast};
 use super::record::{run_dir, Record};
 use super::{
-    backend_label, backend_v4, backend_v6, config, down, lab_namespaces, lb_v4, namespace_of, serve, validate_name, Lab, LabSpec, Role,
-    ServeArgs, BACKEND_IFACE, CLIENT_V4, CLIENT_V6, LB_IFACE, TCP_PORT, VIP_V4,
+    backend_label, backend_v4, backend_v6, config, down, lab_namespaces, lb_v4, namespace_of, serve, validate_name,
+    Lab, LabSpec, Role, ServeArgs, BACKEND_IFACE, CLIENT_V4, CLIENT_V6, LB_IFACE, TCP_PORT, VIP_V4,
 };
 
 /// `ballast lab status`: what is up, read from the record and the kernel.
@@ -18,7 +18,10 @@ pub fn status(name: &str, binary: &Path) -> anyhow::Result<String> {
         if leftovers.is_empty() {
             return Ok(format!("lab '{name}' is not up\n"));
         }
-        return Ok(format!("lab '{name}' has no record but namespaces {}: `ballast lab down --name {name}`\n", leftovers.join(", ")));
+        return Ok(format!(
+            "lab '{name}' has no record but namespaces {}: `ballast lab down --name {name}`\n",
+            leftovers.join(", ")
+        ));
     };
     let ballast = Ballast::new(binary, &run_dir(name).join("state"));
     let ns = |role| namespace_of(name, role);
@@ -133,4 +136,3 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
-

@@ -172,7 +172,8 @@ fn udp_request(source: SocketAddr, vip: SocketAddr) -> anyhow::Result<String> {
     socket.set_read_timeout(Some(UDP_TIMEOUT)).context("setting the read timeout")?;
     socket.send(b"who are you?").with_context(|| format!("UDP {source} -> {vip}: sending"))?;
     let mut buf = [0u8; 512];
-    let n = socket.recv(&mut buf).with_context(|| format!("UDP {source} -> {vip}: no answer within {UDP_TIMEOUT:?}"))?;
+    let n =
+        socket.recv(&mut buf).with_context(|| format!("UDP {source} -> {vip}: no answer within {UDP_TIMEOUT:?}"))?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 

@@ -130,7 +130,9 @@ pub fn config_by_vip(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u
 
 /// [`config_by_vip`] with `vip_lines` (TOML, e.g. `health = { ... }`) added to every VIP.
 pub fn config_with(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u32)>, vip_lines: &str) -> String {
-    let mut toml = format!("# ballast lab generation: the lab's VIPs; backend bN is 10.1.0.N and fd00:1::N.\nhash_seed = {HASH_SEED:#x}\n");
+    let mut toml = format!(
+        "# ballast lab generation: the lab's VIPs; backend bN is 10.1.0.N and fd00:1::N.\nhash_seed = {HASH_SEED:#x}\n"
+    );
     for (protocol, vip) in vips() {
         let entries: Vec<String> = backends_of(protocol, vip)
             .iter()
@@ -155,7 +157,15 @@ pub fn config_with(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u32
 pub fn backend_list(backends: &[(usize, u32)]) -> String {
     let names: Vec<String> = backends
         .iter()
-        .map(|&(i, weight)| if weight == 1 { backend_label(i) } else { format!("{} (weight {weight})", backend_label(i)) })
+        .map(
+            |&(i, weight)| {
+                if weight == 1 {
+                    backend_label(i)
+                } else {
+                    format!("{} (weight {weight})", backend_label(i))
+                }
+            },
+        )
         .collect();
     names.join(", ")
 }
@@ -167,14 +177,24 @@ pub fn generation(config_toml: &str) -> anyhow::Result<Generation> {
 }
 
 /// Each backend's share (0 to 1) of the Maglev table of the VIP, by backend name.
-pub fn table_shares(generation: &Generation, protocol: Protocol, vip: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
-    let meta = generation.find_vip(vip.ip(), vip.port(), protocol.number()).ok_or_else(|| anyhow!("{vip} is no VIP of the generation"))?;
+pub fn table_shares(
+    generation: &Generation,
+    protocol: Protocol,
+    vip: SocketAddr,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let meta = generation
+        .find_vip(vip.ip(), vip.port(), protocol.number())
+        .ok_or_else(|| anyhow!("{vip} is no VIP of the generation"))?;
     let start = meta.table_offset as usize;
-    let table = generation.maglev.get(start..start + meta.table_size as usize).ok_or_else(|| anyhow!("table of {vip} out of range"))?;
+    let table = generation
+        .maglev
+        .get(start..start + meta.table_size as usize)
+        .ok_or_else(|| anyhow!("table of {vip} out of range"))?;
     let family = crate::generation::family(vip.ip());
     let mut shares = BTreeMap::new();
     for &entry in table {
-        let backend = generation.backends.get(entry as usize).ok_or_else(|| anyhow!("table entry {entry} out of range"))?;
+        let backend =
+            generation.backends.get(entry as usize).ok_or_else(|| anyhow!("table entry {entry} out of range"))?;
         let name = backend_name(words_addr(backend.addr, family)).unwrap_or_else(|| "?".to_owned());
         *shares.entry(name).or_insert(0.0) += 1.0 / table.len() as f64;
     }
@@ -283,7 +303,14 @@ impl Lab {
         std::fs::create_dir_all(&state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
         let record = Record { name: spec.name.clone(), backends: spec.backends, lbs: spec.lbs, ..Record::default() };
         record.save()?;
-        let mut lab = Lab { spec: spec.clone(), dir, ballast: Ballast::new(binary, &state_dir), record, children: Vec::new(), armed: true };
+        let mut lab = Lab {
+            spec: spec.clone(),
+            dir,
+            ballast: Ballast::new(binary, &state_dir),
+            record,
+            children: Vec::new(),
+            armed: true,
+        };
         lab.build().with_context(|| format!("building lab '{}' (torn down again)", spec.name))?;
         Ok(lab)
     }

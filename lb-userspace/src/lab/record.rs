@@ -92,7 +92,8 @@ impl Server {
         let pid = libc::pid_t::try_from(self.pid).context("pid out of range")?;
         // SAFETY: kill(2) on the pid just checked to be the recorded process.
         if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("ending server {} (pid {pid})", self.backend));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("ending server {} (pid {pid})", self.backend));
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         while self.is_running() {

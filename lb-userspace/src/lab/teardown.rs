@@ -43,7 +43,8 @@ pub(super) fn teardown(name: &str, children: &mut Vec<Child>) -> anyhow::Result<
         problems.push(format!("{err:#}"));
         None
     });
-    let mut namespaces: BTreeSet<String> = record.as_ref().map(|r| r.namespaces.iter().cloned().collect()).unwrap_or_default();
+    let mut namespaces: BTreeSet<String> =
+        record.as_ref().map(|r| r.namespaces.iter().cloned().collect()).unwrap_or_default();
     for server in record.iter().flat_map(|r| &r.servers) {
         match server.stop() {
             Ok(stopped) => done.servers_stopped += usize::from(stopped),
@@ -111,4 +112,3 @@ pub(super) fn lab_namespaces(name: &str) -> anyhow::Result<Vec<String>> {
     }
     Ok(found)
 }
-

@@ -10,8 +10,8 @@ use anyhow::{bail, Context as _};
 
 use super::command::{exec_in, ip_in};
 use super::{
-    backend_v4, backend_v6, lb_v4, lb_v6, record, Lab, Role, BACKEND_IFACE, CLIENT_IFACE, HEALTH_PORT, LB_IFACE, TCP_PORT, UDP_PORT, VIP_V4,
-    VIP_V6,
+    backend_v4, backend_v6, lb_v4, lb_v6, record, Lab, Role, BACKEND_IFACE, CLIENT_IFACE, HEALTH_PORT, LB_IFACE,
+    TCP_PORT, UDP_PORT, VIP_V4, VIP_V6,
 };
 use crate::lab::serve::READY;
 
@@ -85,7 +85,10 @@ impl Lab {
     /// A veth pair from the router (`router_iface`) to `iface` in `ns`.
     fn wire(&self, router_iface: &str, ns: &str, iface: &str, mtu: &str) -> anyhow::Result<()> {
         let router = self.namespace(Role::Router);
-        ip_in(&router, &["link", "add", router_iface, "mtu", mtu, "type", "veth", "peer", "name", iface, "netns", ns, "mtu", mtu])?;
+        ip_in(
+            &router,
+            &["link", "add", router_iface, "mtu", mtu, "type", "veth", "peer", "name", iface, "netns", ns, "mtu", mtu],
+        )?;
         Ok(())
     }
 
@@ -163,7 +166,8 @@ impl Lab {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let (tcp4, tcp6, udp4) = (format!("{VIP_V4}:{TCP_PORT}"), format!("[{VIP_V6}]:{TCP_PORT}"), format!("{VIP_V4}:{UDP_PORT}"));
+        let (tcp4, tcp6, udp4) =
+            (format!("{VIP_V4}:{TCP_PORT}"), format!("[{VIP_V6}]:{TCP_PORT}"), format!("{VIP_V4}:{UDP_PORT}"));
         let (http4, http6) = (format!("{}:{HEALTH_PORT}", backend_v4(i)), format!("[{}]:{HEALTH_PORT}", backend_v6(i)));
         let mut child = Command::new(&self.ballast.binary)
             .args(["lab", "serve", "--netns", &ns, "--name", &name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4])

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 /// Longest any one command may take (an attach of the example config takes well under a second).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// Where `ip netns` keeps its named namespaces.
+const NETNS_DIR: &str = "/run/netns";
 /// Where ballast pins, as documented in lb-userspace/src/pins.rs.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/ballast";
 /// A gateway MAC for tests whose forwarded frames go nowhere.
@@ -360,7 +362,13 @@ fn namespace_cookie(name: &str) -> io::Result<u64> {
                 let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
                 // SAFETY: cookie and len are valid for getsockopt to fill.
                 let ret = unsafe {
-                    libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+                    libc::getsockopt(
+                        socket.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_NETNS_COOKIE,
+                        (&mut cookie as *mut u64).cast(),
+                        &mut len,
+                    )
                 };
                 if ret != 0 {
                     return Err(io::Error::last_os_error());
@@ -373,12 +381,15 @@ fn namespace_cookie(name: &str) -> io::Result<u64> {
 }
 
 fn namespace_inode(name: &str) -> io::Result<u64> {
-    Ok(std::fs::metadata(Path::new("/run/netns").join(name))?.ino())
+    Ok(std::fs::metadata(Path::new(NETNS_DIR).join(name))?.ino())
 }
 
 /// Detaches what ballast pinned for the namespace (a generation where a `link` pin is, a
 /// decapsulator where a `decap-link` pin is), deletes it. Never panics (runs in Drop).
 fn remove_namespace(name: &str, state: &StateDir) {
+    if !Path::new(NETNS_DIR).join(name).exists() {
+        return;
+    }
     let Ok(cookie) = namespace_cookie(name) else { return };
     let pin_root = pin_root_of(cookie);
     for iface in directory_names(&pin_root) {
@@ -406,7 +417,7 @@ fn directory_names(dir: &Path) -> Vec<String> {
 }
 
 fn enter_namespace(name: &str) {
-    let path = Path::new("/run/netns").join(name);
+    let path = Path::new(NETNS_DIR).join(name);
     let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     // SAFETY: setns on a namespace fd held open; it moves only the calling thread.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
