@@ -84,11 +84,14 @@ pub struct VipKey {
     pub family: u8,
 }
 
-/// MAGLEV holds every VIP's table back to back, 16 entries to a value: one cache line each,
-/// and 4 bytes an entry where an array of u32 would take 8 (the kernel rounds array values up
-/// to 8 bytes).
-pub const MAGLEV_CHUNK_LEN: usize = 16;
-pub type MaglevChunk = [u32; MAGLEV_CHUNK_LEN];
+/// MAGLEV holds every VIP's table back to back, 32 entries to a value: one cache line each,
+/// and 2 bytes an entry (an index into BACKENDS: MAX_BACKENDS fits in 16 bits) where an array of
+/// u32 would take 8 (the kernel rounds array values up to 8 bytes). Half the bytes of u32
+/// entries: a large table stays in the cache longer when new flows pick entries at random.
+pub const MAGLEV_CHUNK_LEN: usize = 32;
+pub type MaglevEntry = u16;
+pub type MaglevChunk = [MaglevEntry; MAGLEV_CHUNK_LEN];
+const _: () = assert!(MAX_BACKENDS as u64 <= MaglevEntry::MAX as u64 + 1);
 
 /// Where table entry `index` (counted over all tables) lives: (chunk, lane).
 #[inline(always)]

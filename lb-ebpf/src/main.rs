@@ -4,7 +4,6 @@
 #![no_std]
 #![no_main]
 
-mod encap;
 mod maps;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
@@ -18,14 +17,14 @@ use lb_common::{
     },
 };
 
-use crate::{
-    encap::push_outer,
-    maps::{
-        count, count_reason, find_vip, is_vip_address, pick_backend, BACKEND_COUNTERS, HASH_SEED, HAS_IPV4, HAS_IPV6,
-        MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
-    },
+use crate::maps::{
+    count, count_reason, find_vip, is_vip_address, pick_backend, BACKEND_COUNTERS, ETH_ADDRESSES, HASH_SEED, HAS_IPV4,
+    HAS_IPV6, MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
 };
-use lb_ebpf::parse::{frame_len, has_bytes, parse_l2, read_at, L2};
+use lb_ebpf::{
+    parse::{frame_len, has_bytes, parse_l2, read_at, L2},
+    push::push_outer,
+};
 
 #[xdp]
 pub fn ballast(ctx: XdpContext) -> u32 {
@@ -106,7 +105,7 @@ fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
     forward(l2, &vip, hash, total_len, |backend| {
         let fixed = OUTER_SOURCE_V4.load();
         let source = if fixed != 0 { fixed } else { synthetic_source_v4(hash) };
-        push_outer(ctx, l2, &ipip_outer_header(&ip, source, backend[0]))
+        push_outer(ctx, l2, ETH_ADDRESSES.load(), &ipip_outer_header(&ip, source, backend[0]))
     })
 }
 
@@ -139,7 +138,7 @@ fn process_ipv6(ctx: &XdpContext, l2: &L2) -> Reason {
     forward(l2, &vip, hash, total_len, |backend| {
         let fixed = OUTER_SOURCE_V6.load();
         let source = if fixed != [0; 4] { fixed } else { synthetic_source_v6(hash) };
-        push_outer(ctx, l2, &ip6ip6_outer_header(&ip, source, backend, hash))
+        push_outer(ctx, l2, ETH_ADDRESSES.load(), &ip6ip6_outer_header(&ip, source, backend, hash))
     })
 }
 

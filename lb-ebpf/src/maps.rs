@@ -105,5 +105,5 @@ pub fn pick_backend(meta: &VipMeta, hash: u32) -> Option<Backend> {
     let index = meta.table_offset + lb_common::flow::table_slot(hash, meta.table_size);
     let (chunk, lane) = maglev_position(index);
     let backend_index = *MAGLEV.get(chunk)?.get(lane)?;
-    BACKENDS.get(backend_index).copied()
+    BACKENDS.get(u32::from(backend_index)).copied()
 }

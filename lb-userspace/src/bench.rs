@@ -68,12 +68,14 @@ impl Settings {
                 control_runs: 1,
             }
         } else {
+            // Many shorter runs rather than a few long ones: on a shared host interference comes
+            // in bursts, and a median over many runs steps around them.
             Settings {
-                runs: 7,
-                repeat: 1_000_000,
+                runs: 21,
+                repeat: 300_000,
                 warmup_repeat: 100_000,
-                forward_seconds: 2.0,
-                forward_runs: 3,
+                forward_seconds: 1.5,
+                forward_runs: 5,
                 control_runs: 5,
             }
         }

@@ -13,8 +13,9 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::maps::{
-    globals, Counter, MaglevChunk, CONFIG_MAPS, COUNTER_MAPS, GENERATION_ID_LEN, GENERATION_ID_MAGIC, MAGLEV_CHUNK_LEN,
-    MAP_BACKENDS, MAP_BACKEND_COUNTERS, MAP_MAGLEV, MAP_REASON_COUNTERS, MAP_VIPS, MAP_VIP_COUNTERS, REASON_COUNT,
+    globals, Counter, MaglevChunk, MaglevEntry, CONFIG_MAPS, COUNTER_MAPS, GENERATION_ID_LEN, GENERATION_ID_MAGIC,
+    MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_BACKEND_COUNTERS, MAP_MAGLEV, MAP_REASON_COUNTERS, MAP_VIPS, MAP_VIP_COUNTERS,
+    REASON_COUNT,
 };
 
 use crate::{artifact::Artifact, generation::Generation, kernel};
@@ -95,7 +96,7 @@ impl LoadedGeneration {
         generation_id[GENERATION_ID_MAGIC.len()..].copy_from_slice(digest);
         let source_v4 = host.source_v4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0);
         let source_v6: [u32; 4] = host.source_v6.map(|a| crate::generation::addr_words(a.into())).unwrap_or([0; 4]);
-        let chunks = maglev_chunks(&generation.maglev);
+        let chunks = maglev_chunks(&generation.maglev)?;
         let vip_index_mask = generation.vip_index.mask();
         let eth_addresses = lb_common::maps::eth_address_words(host.gateway_mac, host.iface_mac);
         let mut loader = EbpfLoader::new();
@@ -212,13 +213,17 @@ impl Constants {
     pub const ALL_PATHS: Constants = Constants { has_ipv4: 1, has_ipv6: 1, has_any_port: 1 };
 }
 
-fn maglev_chunks(entries: &[u32]) -> Vec<MaglevChunk> {
+/// The MAGLEV array's values: the generation's entries (indices into BACKENDS, below
+/// MAX_BACKENDS: the config refuses more) narrowed to MaglevEntry.
+fn maglev_chunks(entries: &[u32]) -> anyhow::Result<Vec<MaglevChunk>> {
     entries
         .chunks(MAGLEV_CHUNK_LEN)
         .map(|c| {
-            let mut chunk = [0u32; MAGLEV_CHUNK_LEN];
-            chunk[..c.len()].copy_from_slice(c);
-            chunk
+            let mut chunk = [0; MAGLEV_CHUNK_LEN];
+            for (lane, &entry) in chunk.iter_mut().zip(c) {
+                *lane = MaglevEntry::try_from(entry).context("a Maglev entry past MAX_BACKENDS")?;
+            }
+            Ok(chunk)
         })
         .collect()
 }

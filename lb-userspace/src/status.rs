@@ -189,8 +189,9 @@ impl Running {
         vip_entries.sort_by_key(|(k, _)| *k);
         let backends: Vec<Backend> =
             Array::<_, Backend>::try_from(&self.map(MAP_BACKENDS)?)?.iter().collect::<Result<_, _>>()?;
-        let mut maglev: Vec<u32> =
-            Array::<_, MaglevChunk>::try_from(&self.map(MAP_MAGLEV)?)?.iter().collect::<Result<Vec<_>, _>>()?.concat();
+        let chunks =
+            Array::<_, MaglevChunk>::try_from(&self.map(MAP_MAGLEV)?)?.iter().collect::<Result<Vec<_>, _>>()?;
+        let mut maglev: Vec<u32> = chunks.concat().into_iter().map(u32::from).collect();
         let entries: u64 = vip_entries.iter().map(|(_, m)| m.table_size as u64).sum();
         maglev.truncate(entries as usize);
         Ok(KernelTables { vip_slots, vip_entries, backends, maglev })

@@ -18,7 +18,7 @@ use ballast::config::EXAMPLE_CONFIG;
 use ballast_tests::require_root;
 use common::{run, tree, wait_until, Netns, StalePins, TempFile, PIN_ROOT, SOME_GATEWAY_MAC};
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder};
-use lb_common::maps::{Backend, MaglevChunk, CONFIG_MAPS, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS};
+use lb_common::maps::{Backend, MaglevChunk, CONFIG_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS};
 use lb_common::vip_index::VipSlot;
 
 /// The interface ballast attaches to in the single-namespace tests; its veth peer is `PEER_IF`.
@@ -114,7 +114,7 @@ fn try_write_config_map(name: &str, map: &mut Map) -> Result<(), MapError> {
     match name {
         MAP_VIPS => Array::<_, VipSlot>::try_from(map)?.set(0, VipSlot::default(), 0),
         MAP_BACKENDS => Array::<_, Backend>::try_from(map)?.set(0, Backend::default(), 0),
-        MAP_MAGLEV => Array::<_, MaglevChunk>::try_from(map)?.set(0, [0; 16], 0),
+        MAP_MAGLEV => Array::<_, MaglevChunk>::try_from(map)?.set(0, [0; MAGLEV_CHUNK_LEN], 0),
         other => panic!("unexpected config map {other}"),
     }
 }

@@ -1,6 +1,6 @@
-//! Per-packet cost: the harness runs each class's frame through ballast, the baseline and
-//! `xdp_drop` (the harness's own cost, subtracted) in BPF_PROG_TEST_RUN repeat mode,
-//! interleaved run by run. ballast's counters must show that every packet took the class's
+//! Per-packet cost: the harness runs each class's frame through ballast, the reference
+//! programs (baseline, helper call, encapsulation floor) and `xdp_drop` (the harness's own
+//! cost, subtracted) in BPF_PROG_TEST_RUN repeat mode, interleaved run by run. ballast's counters must show that every packet took the class's
 //! path, or the bench fails.
 use anyhow::{bail, ensure, Context as _};
 use aya::programs::Xdp;
@@ -33,9 +33,12 @@ pub struct CostRow {
     pub new_flow: bool,
     pub frame_bytes: usize,
     /// ns per packet, per run, as the kernel measures it (whole ns; time the thread spent
-    /// rescheduled is left out): the harness tail-calling `xdp_drop`, the baseline, ballast.
+    /// rescheduled is left out): the harness tail-calling `xdp_drop`, the reference programs,
+    /// ballast.
     pub harness_raw_ns: Vec<f64>,
     pub baseline_raw_ns: Vec<f64>,
+    pub helper_call_raw_ns: Vec<f64>,
+    pub encap_floor_raw_ns: Vec<f64>,
     pub ballast_raw_ns: Vec<f64>,
     /// `xdp_drop` run directly, without the harness: what running any XDP program costs here.
     pub floor_raw_ns: Vec<f64>,
@@ -43,12 +46,18 @@ pub struct CostRow {
     pub floor_ns: Summary,
     /// Net of the harness, run by run: what the program's own instructions cost.
     pub baseline_ns: Summary,
+    pub helper_call_ns: Summary,
+    pub encap_floor_ns: Summary,
     pub ballast_ns: Summary,
     /// Medians: ballast - baseline; ballast / baseline (None when the baseline's net median
     /// is under 1 ns); and the ratio of the two programs each run alone, floor included.
     pub diff_ns: f64,
     pub ratio: Option<f64>,
     pub standalone_ratio: f64,
+    /// Medians: the one helper call every encapsulating forwarder makes (helper_call -
+    /// baseline); ballast - encap_floor, what ballast's decisions cost (forwarded classes).
+    pub helper_call_over_baseline_ns: f64,
+    pub over_encap_floor_ns: Option<f64>,
     pub proof: Proof,
     pub warnings: Vec<String>,
 }
@@ -129,6 +138,8 @@ fn measure_row(
     let targets = [
         Target { name: "xdp_drop", program: reference.xdp_drop()?, action: XDP_DROP },
         Target { name: "baseline", program: reference.baseline()?, action: XDP_TX },
+        Target { name: "helper_call", program: reference.helper_call()?, action: XDP_TX },
+        Target { name: "encap_floor", program: reference.encap_floor()?, action: XDP_TX },
         Target { name: "ballast", program: deployed.loaded.program()?, action: case.class.expected().action() },
     ];
     let before = Observed::read(harness, deployed)?;
@@ -144,10 +155,10 @@ fn measure_row(
 fn run_rounds(
     settings: &Settings,
     harness: &mut Harness,
-    targets: &[Target; 3],
+    targets: &[Target; 5],
     frame: &[u8],
 ) -> anyhow::Result<(Raw, u64)> {
-    let mut series: [Vec<f64>; 3] = Default::default();
+    let mut series: [Vec<f64>; 5] = Default::default();
     let mut floor = Vec::new();
     let mut packets = 0u64;
     for round in 0..=settings.runs {
@@ -166,8 +177,8 @@ fn run_rounds(
         }
         packets += u64::from(repeat);
     }
-    let [harness, baseline, ballast] = series;
-    Ok((Raw { harness, baseline, ballast, floor }, packets))
+    let [harness, baseline, helper_call, encap_floor, ballast] = series;
+    Ok((Raw { harness, baseline, helper_call, encap_floor, ballast, floor }, packets))
 }
 
 /// One run of the harness into `target`: ns per packet. Wall-clock time would count the
@@ -190,18 +201,27 @@ fn run_target(harness: &mut Harness, target: &Target, repeat: u32) -> anyhow::Re
 struct Raw {
     harness: Vec<f64>,
     baseline: Vec<f64>,
+    helper_call: Vec<f64>,
+    encap_floor: Vec<f64>,
     ballast: Vec<f64>,
     floor: Vec<f64>,
 }
 
 fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Proof) -> CostRow {
-    let Raw { harness, baseline, ballast, floor } = raw;
-    let net = |raw: &[f64]| -> Vec<f64> { raw.iter().zip(&harness).map(|(r, h)| r - h).collect() };
-    let baseline_ns = Summary::of(&net(&baseline));
-    let ballast_ns = Summary::of(&net(&ballast));
+    let Raw { harness, baseline, helper_call, encap_floor, ballast, floor } = raw;
+    let net =
+        |raw: &[f64]| -> Summary { Summary::of(&raw.iter().zip(&harness).map(|(r, h)| r - h).collect::<Vec<_>>()) };
+    let (baseline_ns, helper_call_ns, encap_floor_ns, ballast_ns) =
+        (net(&baseline), net(&helper_call), net(&encap_floor), net(&ballast));
     let floor_ns = Summary::of(&floor);
-    let runs =
-        [("harness + xdp_drop", &harness), ("baseline", &baseline), ("ballast", &ballast), ("xdp_drop alone", &floor)];
+    let runs = [
+        ("harness + xdp_drop", &harness),
+        ("baseline", &baseline),
+        ("helper call", &helper_call),
+        ("encapsulation floor", &encap_floor),
+        ("ballast", &ballast),
+        ("xdp_drop alone", &floor),
+    ];
     let warnings = runs
         .iter()
         .filter_map(|(what, raw)| Summary::of(raw).warning(&format!("{} / {} / {what}", scenario.label, case.name())))
@@ -214,13 +234,20 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
         harness_ns: Summary::of(&harness),
         floor_ns,
         baseline_ns,
+        helper_call_ns,
+        encap_floor_ns,
         ballast_ns,
         diff_ns: ballast_ns.median - baseline_ns.median,
         ratio: (baseline_ns.median >= 1.0).then(|| ballast_ns.median / baseline_ns.median),
         standalone_ratio: (ballast_ns.median + floor_ns.median) / (baseline_ns.median + floor_ns.median),
+        helper_call_over_baseline_ns: helper_call_ns.median - baseline_ns.median,
+        over_encap_floor_ns: (case.class.expected() == Reason::Forwarded)
+            .then_some(ballast_ns.median - encap_floor_ns.median),
         floor_raw_ns: floor,
         harness_raw_ns: harness,
         baseline_raw_ns: baseline,
+        helper_call_raw_ns: helper_call,
+        encap_floor_raw_ns: encap_floor,
         ballast_raw_ns: ballast,
         proof,
         warnings,

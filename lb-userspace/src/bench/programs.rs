@@ -1,6 +1,6 @@
 //! The benchmark's own XDP programs, built from lb-ebpf like ballast's: the harness object
 //! (`bench_harness`, `bench_generator`, `bench_sink`) and the reference object (`baseline`,
-//! `xdp_drop`). See lb-ebpf/src/bench_harness.rs for what the harness does each run.
+//! `helper_call`, `encap_floor`, `xdp_drop`). See lb-ebpf/src/bench_harness.rs for what the harness does each run.
 use anyhow::{anyhow, bail, Context as _};
 use aya::{
     maps::{Array, PerCpuArray, ProgramArray},
@@ -17,6 +17,8 @@ const HARNESS: &str = "bench_harness";
 const GENERATOR: &str = "bench_generator";
 const SINK: &str = "bench_sink";
 const BASELINE: &str = "baseline";
+const HELPER_CALL: &str = "helper_call";
+const ENCAP_FLOOR: &str = "encap_floor";
 const XDP_DROP_PROGRAM: &str = "xdp_drop";
 const TEMPLATE_MAP: &str = "BENCH_TEMPLATE";
 const TARGET_MAP: &str = "BENCH_TARGET";
@@ -136,7 +138,7 @@ impl Harness {
     }
 }
 
-/// `baseline` and `xdp_drop`.
+/// The reference programs of lb-ebpf/src/baseline.rs.
 pub struct Reference {
     ebpf: Ebpf,
 }
@@ -144,7 +146,7 @@ pub struct Reference {
 impl Reference {
     pub fn load() -> anyhow::Result<Reference> {
         let mut ebpf = Ebpf::load(REFERENCE_OBJECT).context("creating the reference programs")?;
-        for name in [BASELINE, XDP_DROP_PROGRAM] {
+        for name in [BASELINE, HELPER_CALL, ENCAP_FLOOR, XDP_DROP_PROGRAM] {
             xdp_mut(&mut ebpf, name)?.load().with_context(|| format!("loading {name} (verifier)"))?;
         }
         Ok(Reference { ebpf })
@@ -152,6 +154,14 @@ impl Reference {
 
     pub fn baseline(&self) -> anyhow::Result<&Xdp> {
         xdp(&self.ebpf, BASELINE)
+    }
+
+    pub fn helper_call(&self) -> anyhow::Result<&Xdp> {
+        xdp(&self.ebpf, HELPER_CALL)
+    }
+
+    pub fn encap_floor(&self) -> anyhow::Result<&Xdp> {
+        xdp(&self.ebpf, ENCAP_FLOOR)
     }
 
     pub fn xdp_drop(&self) -> anyhow::Result<&Xdp> {

@@ -135,6 +135,41 @@ impl Report {
             );
         }
         let _ = writeln!(out);
+        self.cost_breakdown_md(out);
+    }
+
+    /// Where ballast's time over the baseline goes, from the reference programs of the same
+    /// rounds.
+    fn cost_breakdown_md(&self, out: &mut String) {
+        let _ = writeln!(out, "#### Where the difference goes (medians, ns per packet)\n");
+        let _ = writeln!(
+            out,
+            "Two more reference programs ran in the same rounds: `helper_call` is the baseline plus one \
+             `bpf_xdp_adjust_head` by 0 bytes, the one helper call every encapsulating forwarder makes (its cost \
+             depends on the host: AMD's SRSO \"safe RET\" mitigation, for one, makes every return expensive); \
+             `encap_floor` is the least an IPIP / IP6IP6 forwarder does: the baseline's parse, the head grown, the \
+             MACs swapped, the outer header built and written with ballast's own code, and nothing decided. \
+             ballast − encapsulation floor is what ballast's decisions cost: VIP lookup, flow hash, Maglev table, \
+             backend, checks and counters.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| Generation | Class | helper call − baseline | encapsulation floor − baseline | ballast − encapsulation floor | ballast − baseline |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        for row in &self.packet_cost.rows {
+            let decisions = row.over_encap_floor_ns.map_or("– (not forwarded)".to_owned(), |d| format!("{d:+.1}"));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:+.1} | {:+.1} | {decisions} | {:+.1} |",
+                row.scenario,
+                row.class,
+                row.helper_call_over_baseline_ns,
+                row.encap_floor_ns.median - row.baseline_ns.median,
+                row.diff_ns,
+            );
+        }
+        let _ = writeln!(out);
     }
 
     fn forwarding_md(&self, out: &mut String) {
