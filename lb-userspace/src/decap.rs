@@ -28,7 +28,7 @@ pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 const PROGRAM_NAME: &str = "ballast_decap";
 pub const LINK_PIN: &str = "decap-link";
 
-fn pins_of(dir: &Path) -> [PathBuf; 2] {
+pub fn pins_of(dir: &Path) -> [PathBuf; 2] {
     [dir.join(LINK_PIN), dir.join(MAP_DECAP_COUNTERS)]
 }
 

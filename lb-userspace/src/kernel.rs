@@ -23,6 +23,41 @@ pub fn freeze_map(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_XDP: u32 = 6;
+
+/// The interface index an XDP link pinned at `pin` is attached to: 0 once the kernel has
+/// detached it (its interface, or the interface's network namespace, was deleted). None if the
+/// pin is not an XDP link.
+pub fn pinned_xdp_link_ifindex(pin: &Path) -> anyhow::Result<Option<u32>> {
+    let path = CString::new(pin.as_os_str().as_encoded_bytes()).context("a path with a NUL byte")?;
+    // bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut attr = [0u8; 128];
+    attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr and the path it points to outlive the call; its size is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("opening {}", pin.display()));
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id (u32 each), then a union aligned to 8 whose xdp
+    // member starts with ifindex (u32).
+    let mut info = [0u8; 128];
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr and info outlive the call; the kernel writes at most info_len bytes.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), attr.len()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("link info of {}", pin.display()));
+    }
+    let word = |at: usize| u32::from_ne_bytes([info[at], info[at + 1], info[at + 2], info[at + 3]]);
+    Ok((word(0) == BPF_LINK_TYPE_XDP).then(|| word(16)))
+}
+
 /// The kernel's `frozen` flag of a map, read from its fdinfo.
 pub fn map_is_frozen(fd: BorrowedFd<'_>) -> anyhow::Result<bool> {
     let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());

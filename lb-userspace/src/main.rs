@@ -13,6 +13,7 @@ use ballast::{
     generations::{self, Change, Swapped, Target},
     inspect,
     loader::EBPF_OBJECT,
+    pins::{self, Stale},
     state::StateDir,
     status,
 };
@@ -104,6 +105,13 @@ enum Command {
     Detach {
         #[command(flatten)]
         target: IfaceArgs,
+    },
+    /// Remove the pins of generations and decapsulators the kernel has detached because their
+    /// interface (or its network namespace) was deleted; they hold programs and maps in memory.
+    Prune {
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate a config and show the generation it builds, without touching the kernel.
     Check {
@@ -315,6 +323,16 @@ fn run(state_dir: Option<&Path>, command: Command) -> anyhow::Result<()> {
             let iface = target.enter()?;
             let dir = attach::detach(&state, &iface)?;
             println!("detached from {iface}; removed {}", dir.display());
+        }
+        Command::Prune { dry_run } => {
+            let stale = pins::prune(dry_run)?;
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for Stale { dir, what } in &stale {
+                println!("{verb} {} ({what} detached: its interface is gone)", dir.display());
+            }
+            if stale.is_empty() {
+                println!("nothing to prune: every pinned link is attached");
+            }
         }
         Command::Check { config } => {
             let generation = Generation::build(&Config::load(&config)?)?;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use ballast::config::EXAMPLE_CONFIG;
 use ballast_tests::require_root;
-use common::{run, tree, wait_until, Netns, StalePins, TempFile, PIN_ROOT, SOME_GATEWAY_MAC};
+use common::{ballast_binary, run, tree, wait_until, Netns, StalePins, TempFile, PIN_ROOT, SOME_GATEWAY_MAC};
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder};
 use lb_common::maps::{Backend, MaglevChunk, CONFIG_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS};
 use lb_common::vip_index::VipSlot;
@@ -308,7 +308,7 @@ fn a_deleted_namespace_leaves_nothing_to_its_inode_successor() {
     // The namespace goes away with the generation still pinned: its interface, and with it
     // the XDP attachment, are gone; the pins are left behind under its inode.
     let (inode, stale_pins) = deleted.delete_without_detaching();
-    let _stale = StalePins(stale_pins);
+    let stale_root = StalePins(stale_pins);
     // The kernel hands out the lowest free namespace inode. A candidate below it fills a gap
     // and is kept; one above it means a parallel test holds the inode now: give the candidate
     // back and wait for that test to end.
@@ -334,7 +334,21 @@ fn a_deleted_namespace_leaves_nothing_to_its_inode_successor() {
     assert_eq!(successor.xdp_program_id(LB_IF), None, "a fresh veth has no XDP program");
     let attach = successor.attach(LB_IF, &config, SOME_GATEWAY_MAC);
     assert!(attach.success(), "attach on a fresh interface refused because of a deleted namespace's pins: {attach}");
-    assert!(successor.xdp_program_id(LB_IF).is_some());
+    let program_id = successor.xdp_program_id(LB_IF);
+    assert!(program_id.is_some());
+
+    // `ballast prune` finds the deleted namespace's pins (the kernel detached their link) and
+    // removes them; the successor's generation, attached, stays.
+    let stale = stale_root.0.join(LB_IF);
+    let listed = run(ballast_binary(), &["prune", "--dry-run"], &[]);
+    assert!(listed.success() && listed.stdout.contains(&stale.display().to_string()), "{listed}");
+    assert!(stale.join("link").exists(), "--dry-run removed {}", stale.display());
+    let pruned = run(ballast_binary(), &["prune"], &[]);
+    assert!(pruned.success() && pruned.stdout.contains(&format!("removed {}", stale.display())), "{pruned}");
+    assert!(!stale_root.0.exists(), "prune left {}: {:?}", stale_root.0.display(), tree(&stale_root.0));
+    assert!(!pruned.stdout.contains(&successor.pin_root().display().to_string()), "{pruned}");
+    assert_eq!(successor.xdp_program_id(LB_IF), program_id, "prune touched a running generation");
+    assert!(successor.pin_root().join(LB_IF).join("link").exists());
 }
 
 #[test]
