@@ -1,8 +1,16 @@
-//! The seeded flow hash and the reduction of a hash to a Maglev table slot.
+//! The keyed flow hash, the word hash of the Maglev permutations, and the reduction of a hash
+//! to a Maglev table slot.
 //!
-//! MurmurHash3 (x86, 32-bit) over 32-bit words: a few multiplies per word, cheap in BPF and
-//! well distributed. Words are the packet's bytes as loaded natively (`from_ne_bytes`), so
-//! kernel and user space on the same host agree bit for bit.
+//! The flow hash is multiply-add-shift universal hashing (Dietzfelbinger) over the tuple's
+//! 32-bit words: the high half of `b + sum(k[i] * w[i])` in 64-bit arithmetic, with keys `k`,
+//! `b` drawn from the generation's `hash_seed` ([`flow_keys`]). For two different tuples the
+//! chance, over the keys, that they collide is at most 2^-31: a guarantee no fixed mixing
+//! function gives, for one 64-bit multiply and add per word, which the CPU runs side by side.
+//! MurmurHash3's finalizer then scrambles the result (a bijection: collisions stay as rare),
+//! so that the table slot, which takes the high bits, depends on every input bit. Words are
+//! the packet's bytes as loaded natively (`from_ne_bytes`), so kernel and user space on the
+//! same host agree bit for bit. The Maglev permutations hash backend addresses with
+//! MurmurHash3 ([`hash_words`]), in user space only.
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -15,7 +23,46 @@ fn mix(h: u32, k: u32) -> u32 {
 
 #[inline(always)]
 fn finish(h: u32, words: u32) -> u32 {
-    let mut h = h ^ (words * 4);
+    scramble(h ^ (words * 4))
+}
+
+/// Words of the longest tuple (IPv6: two addresses of four words, ports, protocol).
+pub const FLOW_WORDS: usize = 10;
+
+/// The flow hash's keys: one multiplier per word, then the offset.
+pub type FlowKeys = [u64; FLOW_WORDS + 1];
+
+/// The flow hash's keys for a generation's `hash_seed`: SplitMix64's outputs from it.
+pub fn flow_keys(seed: u32) -> FlowKeys {
+    let mut state = seed as u64;
+    let mut keys = [0u64; FLOW_WORDS + 1];
+    let mut i = 0;
+    while i < keys.len() {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        keys[i] = z ^ (z >> 31);
+        i += 1;
+    }
+    keys
+}
+
+/// The high half of `b + sum(k[i] * w[i])`, scrambled by MurmurHash3's finalizer.
+#[inline(always)]
+fn universal<const N: usize>(keys: &FlowKeys, words: [u32; N]) -> u32 {
+    let mut sum = keys[FLOW_WORDS];
+    let mut i = 0;
+    while i < N {
+        sum = sum.wrapping_add(keys[i].wrapping_mul(words[i] as u64));
+        i += 1;
+    }
+    scramble((sum >> 32) as u32)
+}
+
+/// MurmurHash3's finalizer: a bijection whose every output bit depends on every input bit.
+#[inline(always)]
+fn scramble(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
@@ -26,29 +73,16 @@ fn finish(h: u32, words: u32) -> u32 {
 /// Hash of an IPv4 flow. Addresses and `ports` (source port then destination port) are the
 /// raw network-order words as loaded from the packet.
 #[inline(always)]
-pub fn flow_hash_v4(seed: u32, saddr: u32, daddr: u32, ports: u32, protocol: u8) -> u32 {
-    let h = mix(seed, saddr);
-    let h = mix(h, daddr);
-    let h = mix(h, ports);
-    finish(mix(h, protocol as u32), 4)
+pub fn flow_hash_v4(keys: &FlowKeys, saddr: u32, daddr: u32, ports: u32, protocol: u8) -> u32 {
+    universal(keys, [saddr, daddr, ports, protocol as u32])
 }
 
 /// Hash of an IPv6 flow, same conventions as [`flow_hash_v4`].
 #[inline(always)]
-pub fn flow_hash_v6(seed: u32, saddr: &[u32; 4], daddr: &[u32; 4], ports: u32, protocol: u8) -> u32 {
-    let mut h = seed;
-    let mut i = 0;
-    while i < 4 {
-        h = mix(h, saddr[i]);
-        i += 1;
-    }
-    i = 0;
-    while i < 4 {
-        h = mix(h, daddr[i]);
-        i += 1;
-    }
-    h = mix(h, ports);
-    finish(mix(h, protocol as u32), 10)
+pub fn flow_hash_v6(keys: &FlowKeys, saddr: &[u32; 4], daddr: &[u32; 4], ports: u32, protocol: u8) -> u32 {
+    let [s0, s1, s2, s3] = *saddr;
+    let [d0, d1, d2, d3] = *daddr;
+    universal(keys, [s0, s1, s2, s3, d0, d1, d2, d3, ports, protocol as u32])
 }
 
 /// Hash of arbitrary words (the Maglev permutation uses it on backend addresses).
@@ -105,20 +139,57 @@ mod tests {
         assert_eq!(hash_words(0x9747_b28c, &[u32::from_le_bytes(*b"aaaa")]), 0x5a97_808a);
     }
 
-    #[test]
-    fn v4_hash_is_the_word_hash_of_the_tuple() {
-        let (s, d, p) = (0x0a00_0001u32, 0xc000_020au32, ports_word(1234, 80));
-        assert_eq!(flow_hash_v4(7, s, d, p, 6), hash_words(7, &[s, d, p, 6]));
-        assert_ne!(flow_hash_v4(7, s, d, p, 6), flow_hash_v4(8, s, d, p, 6));
-        assert_ne!(flow_hash_v4(7, s, d, p, 6), flow_hash_v4(7, s, d, p, 17));
+    /// The flow hash written out from its definition, in u128 arithmetic.
+    fn by_definition(seed: u32, words: &[u32]) -> u32 {
+        let keys = flow_keys(seed);
+        let sum: u128 =
+            keys[FLOW_WORDS] as u128 + words.iter().zip(&keys).map(|(&w, &k)| k as u128 * w as u128).sum::<u128>();
+        scramble((sum as u64 >> 32) as u32)
     }
 
     #[test]
-    fn v6_hash_is_the_word_hash_of_the_tuple() {
-        let s = [1, 2, 3, 4];
-        let d = [5, 6, 7, 8];
-        let p = ports_word(1, 2);
-        assert_eq!(flow_hash_v6(9, &s, &d, p, 17), hash_words(9, &[1, 2, 3, 4, 5, 6, 7, 8, p, 17]));
+    fn flow_hashes_follow_the_definition() {
+        let (s, d, p) = (0x0a00_0001u32, 0xc000_020au32, ports_word(1234, 80));
+        assert_eq!(flow_hash_v4(&flow_keys(7), s, d, p, 6), by_definition(7, &[s, d, p, 6]));
+        let (s6, d6) = ([1, 2, 3, u32::MAX], [5, 6, 7, 8]);
+        assert_eq!(
+            flow_hash_v6(&flow_keys(9), &s6, &d6, p, 17),
+            by_definition(9, &[1, 2, 3, u32::MAX, 5, 6, 7, 8, p, 17])
+        );
+    }
+
+    #[test]
+    fn the_seed_and_every_field_count() {
+        let (s, d, p) = (0x0a00_0001u32, 0xc000_020au32, ports_word(1234, 80));
+        let keys = flow_keys(7);
+        let h = flow_hash_v4(&keys, s, d, p, 6);
+        assert_ne!(h, flow_hash_v4(&flow_keys(8), s, d, p, 6));
+        for other in [
+            flow_hash_v4(&keys, s ^ 1, d, p, 6),
+            flow_hash_v4(&keys, s, d ^ 1, p, 6),
+            flow_hash_v4(&keys, s, d, ports_word(1235, 80), 6),
+            flow_hash_v4(&keys, s, d, p, 17),
+            flow_hash_v4(&keys, d, s, p, 6),
+        ] {
+            assert_ne!(h, other);
+        }
+        // Keys differ from seed to seed and from word to word.
+        let (a, b) = (flow_keys(7), flow_keys(8));
+        assert!(a.iter().zip(&b).all(|(x, y)| x != y));
+        assert!(a.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    /// One client's 65536 source ports toward one VIP: every hash distinct (the sum moves by
+    /// a multiple of one key per port, and the finalizer is a bijection).
+    #[test]
+    fn one_clients_ports_never_collide() {
+        let keys = flow_keys(0x5eed);
+        let mut hashes: std::vec::Vec<u32> = (0..=u16::MAX)
+            .map(|port| flow_hash_v4(&keys, 0x0a00_0001, 0xc000_020a, ports_word(port, 443), 6))
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        assert_eq!(hashes.len(), 65536);
     }
 
     #[test]

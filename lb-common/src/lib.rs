@@ -7,6 +7,8 @@
 
 #[cfg(feature = "user")]
 extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 pub mod encap;
 pub mod flow;

@@ -17,8 +17,8 @@ pub const COUNTER_MAPS: [&str; 3] = [MAP_VIP_COUNTERS, MAP_BACKEND_COUNTERS, MAP
 /// `.rodata` globals set at load time; the verifier sees them as constants and prunes the
 /// paths a generation cannot take.
 pub mod globals {
-    /// u32: the fleet-wide flow hash seed.
-    pub const HASH_SEED: &str = "HASH_SEED";
+    /// [u64; 11]: the flow hash's keys, `crate::flow::flow_keys` of the generation's hash_seed.
+    pub const FLOW_KEYS: &str = "FLOW_KEYS";
     /// u8: 1 when the generation has an IPv4 / IPv6 VIP.
     pub const HAS_IPV4: &str = "HAS_IPV4";
     pub const HAS_IPV6: &str = "HAS_IPV6";

@@ -26,7 +26,7 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::flow::{flow_hash_v4, flow_hash_v6, synthetic_source_v4, synthetic_source_v6, table_slot};
+use crate::flow::{flow_hash_v4, flow_hash_v6, flow_keys, synthetic_source_v4, synthetic_source_v6, table_slot};
 use crate::maps::{Backend, Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6, VIP_FLAG_ADDRESS_ONLY};
 
 const ETHERNET_LEN: usize = 14;
@@ -124,15 +124,15 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// The seeded flow hash of the 5-tuple.
+    /// The flow hash of the 5-tuple under the generation's `hash_seed`.
     pub fn hash(&self, seed: u32) -> u32 {
         let [s0, s1] = self.sport.to_be_bytes();
         let [d0, d1] = self.dport.to_be_bytes();
         let ports = u32::from_ne_bytes([s0, s1, d0, d1]);
         if self.family == FAMILY_IPV4 {
-            flow_hash_v4(seed, self.saddr[0], self.daddr[0], ports, self.protocol)
+            flow_hash_v4(&flow_keys(seed), self.saddr[0], self.daddr[0], ports, self.protocol)
         } else {
-            flow_hash_v6(seed, &self.saddr, &self.daddr, ports, self.protocol)
+            flow_hash_v6(&flow_keys(seed), &self.saddr, &self.daddr, ports, self.protocol)
         }
     }
 }

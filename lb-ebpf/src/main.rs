@@ -18,7 +18,7 @@ use lb_common::{
 };
 
 use crate::maps::{
-    count, count_reason, find_vip, is_vip_address, pick_backend, BACKEND_COUNTERS, ETH_ADDRESSES, HASH_SEED, HAS_IPV4,
+    count, count_reason, find_vip, is_vip_address, pick_backend, BACKEND_COUNTERS, ETH_ADDRESSES, FLOW_KEYS, HAS_IPV4,
     HAS_IPV6, MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
 };
 use lb_ebpf::{
@@ -101,7 +101,7 @@ fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
     };
     let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
     let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
-    let hash = flow_hash_v4(HASH_SEED.load(), ip.saddr, ip.daddr, ports, ip.protocol);
+    let hash = flow_hash_v4(&FLOW_KEYS.load(), ip.saddr, ip.daddr, ports, ip.protocol);
     forward(l2, &vip, hash, total_len, |backend| {
         let fixed = OUTER_SOURCE_V4.load();
         let source = if fixed != 0 { fixed } else { synthetic_source_v4(hash) };
@@ -134,7 +134,7 @@ fn process_ipv6(ctx: &XdpContext, l2: &L2) -> Reason {
     };
     let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
     let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
-    let hash = flow_hash_v6(HASH_SEED.load(), &ip.saddr, &ip.daddr, ports, ip.next_header);
+    let hash = flow_hash_v6(&FLOW_KEYS.load(), &ip.saddr, &ip.daddr, ports, ip.next_header);
     forward(l2, &vip, hash, total_len, |backend| {
         let fixed = OUTER_SOURCE_V6.load();
         let source = if fixed != [0; 4] { fixed } else { synthetic_source_v6(hash) };

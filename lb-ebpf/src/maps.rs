@@ -6,6 +6,7 @@ use aya_ebpf::{
     Global,
 };
 use lb_common::{
+    flow::{FlowKeys, FLOW_WORDS},
     maps::{
         maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, BACKEND_COUNTER_SLOTS, REASON_COUNT,
         VIP_COUNTER_SLOTS,
@@ -29,8 +30,9 @@ pub static BACKEND_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entrie
 #[map]
 pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
 
+/// `lb_common::flow::flow_keys` of the generation's hash_seed.
 #[unsafe(no_mangle)]
-pub static HASH_SEED: Global<u32> = Global::new(0);
+pub static FLOW_KEYS: Global<FlowKeys> = Global::new([0; FLOW_WORDS + 1]);
 #[unsafe(no_mangle)]
 pub static HAS_IPV4: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]

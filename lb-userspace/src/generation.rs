@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use anyhow::{anyhow, Context as _};
 use lb_common::{
-    flow::{flow_hash_v4, flow_hash_v6, table_slot},
+    flow::{flow_hash_v4, flow_hash_v6, flow_keys, table_slot},
     maglev::{build_table, MaglevBackend},
     maps::{Backend, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6, VIP_FLAG_ADDRESS_ONLY},
     vip_index::{self, VipIndex},
@@ -149,9 +149,9 @@ impl Generation {
         let ports = lb_common::flow::ports_word(sport, dport);
         let (s, d) = (addr_words(src), addr_words(dst));
         if dst.is_ipv4() {
-            flow_hash_v4(self.hash_seed, s[0], d[0], ports, protocol)
+            flow_hash_v4(&flow_keys(self.hash_seed), s[0], d[0], ports, protocol)
         } else {
-            flow_hash_v6(self.hash_seed, &s, &d, ports, protocol)
+            flow_hash_v6(&flow_keys(self.hash_seed), &s, &d, ports, protocol)
         }
     }
 

@@ -99,9 +99,10 @@ impl LoadedGeneration {
         let chunks = maglev_chunks(&generation.maglev)?;
         let vip_index_mask = generation.vip_index.mask();
         let eth_addresses = lb_common::maps::eth_address_words(host.gateway_mac, host.iface_mac);
+        let flow_keys = lb_common::flow::flow_keys(generation.hash_seed);
         let mut loader = EbpfLoader::new();
         loader
-            .override_global(globals::HASH_SEED, &generation.hash_seed, true)
+            .override_global(globals::FLOW_KEYS, &flow_keys, true)
             .override_global(globals::HAS_IPV4, &constants.has_ipv4, true)
             .override_global(globals::HAS_IPV6, &constants.has_ipv6, true)
             .override_global(globals::HAS_ANY_PORT, &constants.has_any_port, true)
