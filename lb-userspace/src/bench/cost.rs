@@ -11,7 +11,7 @@ use super::{
     plan::{Class, Macs},
     programs::{run_repeat, Harness, HarnessCounter, Reference},
     progress,
-    stats::Summary,
+    stats::{Summary, SPREAD_WARNING},
     Deployed, Scenario, Settings,
 };
 use crate::loader::CounterSnapshot;
@@ -222,10 +222,24 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
         ("ballast", &ballast),
         ("xdp_drop alone", &floor),
     ];
-    let warnings = runs
+    // One line per row, naming every program whose runs spread too far.
+    let spread: Vec<String> = runs
         .iter()
-        .filter_map(|(what, raw)| Summary::of(raw).warning(&format!("{} / {} / {what}", scenario.label, case.name())))
+        .map(|(what, raw)| (what, Summary::of(raw)))
+        .filter(|(_, summary)| summary.spread > SPREAD_WARNING)
+        .map(|(what, summary)| format!("{what} {:.0}%", summary.spread * 100.0))
         .collect();
+    let warnings = if spread.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "{} / {}: the middle half of the runs spreads more than {:.0}% of the median: {}",
+            scenario.label,
+            case.name(),
+            SPREAD_WARNING * 100.0,
+            spread.join(", ")
+        )]
+    };
     CostRow {
         scenario: scenario.label.clone(),
         class: case.name(),
