@@ -22,6 +22,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     encap::{ip6ip6_outer_header, ipip_outer_header},
+    maps::eth_address_words,
     wire::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6},
 };
 use lb_ebpf::{
@@ -54,7 +55,8 @@ pub fn helper_call(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn encap_floor(ctx: XdpContext) -> u32 {
     let Some(l2) = parse_l2(&ctx) else { return XDP_PASS };
-    let macs = swapped_mac_words(l2.eth);
+    // The MACs swapped, as the three words push_outer stores.
+    let macs = eth_address_words(l2.eth.src, l2.eth.dst);
     let pushed = match parse_ip(&ctx, &l2) {
         Some(Ip::V4(ip)) => push_outer(&ctx, &l2, macs, &ipip_outer_header(&ip, ip.saddr, ip.daddr)),
         Some(Ip::V6(ip)) => push_outer(&ctx, &l2, macs, &ip6ip6_outer_header(&ip, ip.saddr, ip.daddr, 0)),
@@ -92,17 +94,6 @@ fn swap_macs(ctx: &XdpContext, l2: &L2) -> u32 {
         (*eth).src = l2.eth.dst;
     }
     XDP_TX
-}
-
-/// The frame's MACs swapped, as the three words `push_outer` stores.
-#[inline(always)]
-fn swapped_mac_words(eth: EthHdr) -> [u32; 3] {
-    let (d, s) = (eth.src, eth.dst);
-    [
-        u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
-        u32::from_ne_bytes([d[4], d[5], s[0], s[1]]),
-        u32::from_ne_bytes([s[2], s[3], s[4], s[5]]),
-    ]
 }
 
 #[xdp]

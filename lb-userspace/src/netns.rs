@@ -48,7 +48,7 @@ pub fn current_namespace_id() -> anyhow::Result<Option<u64>> {
 }
 
 /// SO_NETNS_COOKIE of a socket made in the calling thread's network namespace (Linux 5.14+).
-fn namespace_cookie() -> anyhow::Result<u64> {
+pub fn namespace_cookie() -> anyhow::Result<u64> {
     // SAFETY: plain socket(2); closed below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {

@@ -226,7 +226,7 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
     let spread: Vec<String> = runs
         .iter()
         .map(|(what, raw)| (what, Summary::of(raw)))
-        .filter(|(_, summary)| summary.spread > SPREAD_WARNING)
+        .filter(|(_, summary)| summary.too_spread())
         .map(|(what, summary)| format!("{what} {:.0}%", summary.spread * 100.0))
         .collect();
     let warnings = if spread.is_empty() {

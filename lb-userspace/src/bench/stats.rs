@@ -33,9 +33,14 @@ impl Summary {
         Summary { median, min, max, q1, q3, spread }
     }
 
+    /// Whether the runs spread too far to trust the median.
+    pub fn too_spread(&self) -> bool {
+        self.spread > SPREAD_WARNING
+    }
+
     /// A warning naming `what` when the runs spread too far.
     pub fn warning(&self, what: &str) -> Option<String> {
-        (self.spread > SPREAD_WARNING).then(|| {
+        self.too_spread().then(|| {
             format!(
                 "{what}: the middle half of the runs spreads {:.0}% of the median ({:.1}..{:.1}, median {:.1})",
                 self.spread * 100.0,

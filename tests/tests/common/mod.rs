@@ -357,23 +357,7 @@ fn namespace_cookie(name: &str) -> io::Result<u64> {
         scope
             .spawn(|| {
                 enter_namespace(name);
-                let socket = std::os::unix::net::UnixDatagram::unbound()?;
-                let mut cookie = 0u64;
-                let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-                // SAFETY: cookie and len are valid for getsockopt to fill.
-                let ret = unsafe {
-                    libc::getsockopt(
-                        socket.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_NETNS_COOKIE,
-                        (&mut cookie as *mut u64).cast(),
-                        &mut len,
-                    )
-                };
-                if ret != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(cookie)
+                ballast::netns::namespace_cookie().map_err(|e| io::Error::other(format!("{e:#}")))
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("namespace cookie thread panicked")))
