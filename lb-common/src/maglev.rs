@@ -66,13 +66,46 @@ fn permutation(addr: &[u32; 4], seed: u32, size: u32) -> (u64, u64) {
     (offset as u64, skip as u64)
 }
 
+/// Probe steps [`try_build_table`] may take per table entry. Filling a table costs about
+/// `size * ln(size)` steps (the last free entries are the hardest to find): 18 per entry at
+/// the largest table a generation holds, 11 at the default size. Backends whose permutations
+/// run alike (crafted addresses) cost up to `backends * size`; the budget stops that.
+pub const MAX_STEPS_PER_ENTRY: u64 = 64;
+
+/// Why no table was built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableError {
+    /// No backend has a positive weight.
+    NoPositiveWeight,
+    /// The size is below 2.
+    TooSmall,
+    /// Filling the table took more than `MAX_STEPS_PER_ENTRY * size` probe steps: the
+    /// backends' permutations overlap far more than hashing allows by chance.
+    TooManySteps { steps: u64 },
+}
+
 /// Builds a table of `size` entries (prime, at least 2), each the index of a backend in
-/// `backends`. Returns None when no backend has a positive weight or the size is below 2.
+/// `backends`. Returns None when no backend has a positive weight or the size is below 2
+/// (or the step budget ran out: [`try_build_table`] says which).
 pub fn build_table(backends: &[MaglevBackend], size: u32, seed: u32) -> Option<Vec<u32>> {
+    try_build_table(backends, size, seed).ok()
+}
+
+/// [`build_table`], bounded in time (at most `MAX_STEPS_PER_ENTRY * size` probe steps) and
+/// memory (the table and two words per backend), saying why when it builds nothing.
+pub fn try_build_table(backends: &[MaglevBackend], size: u32, seed: u32) -> Result<Vec<u32>, TableError> {
+    build_counting(backends, size, seed).map(|(table, _steps)| table)
+}
+
+/// The table and the probe steps it took.
+fn build_counting(backends: &[MaglevBackend], size: u32, seed: u32) -> Result<(Vec<u32>, u64), TableError> {
     if size < 2 {
-        return None;
+        return Err(TableError::TooSmall);
     }
-    let max_weight = backends.iter().map(|b| b.weight).max().filter(|&w| w > 0)? as u64;
+    let max_weight =
+        backends.iter().map(|b| b.weight).max().filter(|&w| w > 0).ok_or(TableError::NoPositiveWeight)? as u64;
+    let budget = MAX_STEPS_PER_ENTRY * size as u64;
+    let mut steps = 0u64;
     // Each backend's position in its permutation, advanced by `skip` modulo `size` with a
     // subtraction rather than a division per probe.
     let mut cursor: Vec<(u32, u32)> =
@@ -90,17 +123,21 @@ pub fn build_table(backends: &[MaglevBackend], size: u32, seed: u32) -> Option<V
                 let (slot, skip) = &mut cursor[i];
                 while table[*slot as usize] != u32::MAX {
                     *slot = advance(*slot, *skip, size);
+                    steps += 1;
+                }
+                if steps > budget {
+                    return Err(TableError::TooManySteps { steps });
                 }
                 table[*slot as usize] = i as u32;
                 *slot = advance(*slot, *skip, size);
                 filled += 1;
                 if filled == size {
-                    return Some(table);
+                    return Ok((table, steps));
                 }
             }
         }
     }
-    Some(table)
+    Ok((table, steps))
 }
 
 /// (slot + skip) mod size, for slot and skip below size.
@@ -176,6 +213,8 @@ mod tests {
         assert_eq!(build_table(&backends(3, |_| 0), 1021, 3), None);
         assert_eq!(build_table(&backends(3, |_| 1), 0, 3), None);
         assert_eq!(build_table(&backends(3, |_| 1), 1, 3), None);
+        assert_eq!(try_build_table(&backends(3, |_| 0), 1021, 3), Err(TableError::NoPositiveWeight));
+        assert_eq!(try_build_table(&backends(3, |_| 1), 1, 3), Err(TableError::TooSmall));
     }
 
     #[test]
@@ -205,6 +244,42 @@ mod tests {
             // The Maglev paper reports a few percent for this case; we hold it under 2%.
             assert!(fraction < 0.02, "removing backend {removed}: {fraction:.4} of other entries moved");
         }
+    }
+
+    /// Typical builds take a small fraction of the step budget (about ln(size) per entry).
+    #[test]
+    fn typical_builds_stay_far_below_the_step_budget() {
+        for (n, size) in [(1u32, 101u32), (10, 1021), (100, 65_537), (655, 65_537), (1000, 131_071)] {
+            for weighted in [false, true] {
+                let b = backends(n, |i| if weighted { i % 7 + 1 } else { 1 });
+                let (table, steps) = build_counting(&b, size, 5).expect("built");
+                assert_eq!(table.len(), size as usize);
+                assert!(
+                    steps < MAX_STEPS_PER_ENTRY * size as u64 / 4,
+                    "n={n} size={size} weighted={weighted}: {steps} steps"
+                );
+            }
+        }
+    }
+
+    /// Backends whose permutations are one and the same (addresses found by search, as a
+    /// hostile config could) make every backend walk the whole table: the budget stops it.
+    #[test]
+    fn crafted_permutations_hit_the_step_budget() {
+        let (size, seed) = (211u32, 5u32);
+        let target = permutation(&[1, 0, 0, 0], seed, size);
+        let alike: Vec<MaglevBackend> = (1u32..)
+            .map(|a| [a, 0, 0, 0])
+            .filter(|addr| permutation(addr, seed, size) == target)
+            .take(200)
+            .map(|addr| MaglevBackend { addr, weight: 1 })
+            .collect();
+        match try_build_table(&alike, size, seed) {
+            Err(TableError::TooManySteps { steps }) => assert!(steps > MAX_STEPS_PER_ENTRY * size as u64),
+            other => panic!("expected the step budget to run out, got {other:?}"),
+        }
+        // The same number of ordinary backends builds.
+        assert!(try_build_table(&backends(200, |_| 1), size, seed).is_ok());
     }
 
     #[test]

@@ -90,8 +90,9 @@ impl<'a> GenerationView<'a> {
         self.vips.contains_key(&VipKey { addr, port: 0, protocol, family })
     }
 
-    /// The VIP serving the flow: its exact port first, then its address's every-port VIP.
-    fn vip_of(&self, flow: &Flow) -> Option<&'a VipMeta> {
+    /// The VIP serving the flow: its exact port first, then its address's every-port VIP
+    /// (address markers are not VIPs). The one user-space statement of that rule.
+    pub fn vip_of(&self, flow: &Flow) -> Option<&'a VipMeta> {
         let exact = VipKey { addr: flow.daddr, port: flow.dport.to_be(), protocol: flow.protocol, family: flow.family };
         let every_port = VipKey { port: 0, ..exact };
         let vips = self.vips;

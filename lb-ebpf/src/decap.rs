@@ -38,7 +38,7 @@ pub fn ballast_decap(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn decapsulate(ctx: &XdpContext) -> DecapReason {
     let Some(l2) = parse_l2(ctx) else { return DecapReason::PassMalformed };
-    let l3 = l2.len();
+    let l3 = l2.header_len();
     let (key, outer_len) = match l2.ether_type {
         ETH_P_IP => {
             let Some(ip) = read_at::<Ipv4Hdr>(ctx, l3) else { return DecapReason::PassMalformed };
@@ -85,10 +85,4 @@ fn move_link_layer(ctx: &XdpContext, l2: &L2, outer_len: usize) -> bool {
         unsafe { *tag = vlan };
     }
     true
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }

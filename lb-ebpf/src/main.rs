@@ -80,7 +80,7 @@ fn transport_offset(
 
 #[inline(always)]
 fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
-    let l3 = l2.len();
+    let l3 = l2.header_len();
     let Some(ip) = read_at::<Ipv4Hdr>(ctx, l3) else { return Reason::PassMalformed };
     if ip.version_ihl >> 4 != 4 || ip.version_ihl & 0xf < 5 {
         return Reason::PassMalformed;
@@ -111,7 +111,7 @@ fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
 
 #[inline(always)]
 fn process_ipv6(ctx: &XdpContext, l2: &L2) -> Reason {
-    let l3 = l2.len();
+    let l3 = l2.header_len();
     let Some(ip) = read_at::<Ipv6Hdr>(ctx, l3) else { return Reason::PassMalformed };
     if ip.version() != 6 {
         return Reason::PassMalformed;
@@ -164,10 +164,4 @@ fn forward(l2: &L2, vip: &VipMeta, hash: u32, ip_len: usize, encapsulate: impl F
     count(&VIP_COUNTERS, vip.vip_index, ip_len as u64);
     count(&BACKEND_COUNTERS, backend.counter_index, ip_len as u64);
     Reason::Forwarded
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }

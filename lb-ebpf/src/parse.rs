@@ -41,7 +41,7 @@ pub struct L2 {
 
 impl L2 {
     #[inline(always)]
-    pub fn len(&self) -> usize {
+    pub fn header_len(&self) -> usize {
         if self.vlan.is_some() {
             ETH_HEADER_LEN + VLAN_HEADER_LEN
         } else {

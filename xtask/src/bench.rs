@@ -1,7 +1,7 @@
-//! `cargo xtask bench [--quick] [--json FILE]`: setup, then builds and runs the benchmark
-//! (lb-userspace's `bench` example, whose work is in `ballast::bench`). Full runs use a release
-//! build; `--quick`, the CI smoke mode, reuses the debug build `cargo xtask test` made (the
-//! XDP programs are release builds either way).
+//! `cargo xtask bench [--quick] [--json FILE]`: setup, then builds and runs the benchmark,
+//! the `ballast-bench` package (tests/bench). Full runs use a release build; `--quick`, the CI
+//! smoke mode, reuses the debug build `cargo xtask test` made (the XDP programs are release
+//! builds either way).
 
 use std::path::Path;
 
@@ -12,7 +12,7 @@ use crate::{process, setup};
 pub fn run(quick: bool, json: Option<&Path>) -> Result<()> {
     setup::run()?;
     let mut bench = process::cargo()?;
-    bench.args(["run", "--package", "lb-userspace", "--example", "bench"]);
+    bench.args(["run", "--package", "ballast-bench"]);
     if !quick {
         bench.arg("--release");
     }

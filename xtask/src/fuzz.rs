@@ -1,9 +1,10 @@
 //! The long modes of ballast's robustness tests (need root; not part of `xtask test`):
-//! - `fuzz`: the differential fuzzer of `tests/tests/fuzz.rs` (XDP program against the
-//!   reference model) for as many frames as asked, reporting frames per second;
+//! - `fuzz`: the differential fuzzer of `tests/integration/tests/fuzz.rs` (package
+//!   `ballast-tests`: XDP program against the reference model) for as many frames as asked,
+//!   reporting frames per second; a divergence is saved in `tests/integration/regressions/`;
 //! - `soak`: continuous traffic through two network namespaces with a `ballast swap` every few
-//!   seconds (`tests/src/bin/soak.rs`), reporting frames sent, forwarded, received, lost and
-//!   misrouted, and swaps done.
+//!   seconds (`tests/integration/src/bin/soak.rs`, generations `tests/fixtures/soak-{a,b}.toml`),
+//!   reporting frames sent, forwarded, received, lost and misrouted, and swaps done.
 
 use anyhow::Result;
 

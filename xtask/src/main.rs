@@ -18,9 +18,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-/// The eBPF crate only builds for `bpfel-unknown-none`; lb-userspace's build script compiles it,
-/// so host-side workspace commands leave it out.
-const EBPF_CRATE: &str = "lb-ebpf";
+/// The eBPF crates only build for `bpfel-unknown-none`; the build scripts of lb-userspace and
+/// ballast-bench compile them, so host-side workspace commands leave them out.
+const EBPF_CRATES: [&str; 2] = ["lb-ebpf", "ballast-bench-ebpf"];
 
 #[derive(Parser)]
 #[command(bin_name = "cargo xtask", about = "ballast's project tasks")]
@@ -31,8 +31,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install everything a fresh Debian 12 machine needs (apt packages, nightly with rust-src,
-    /// bpf-linker, bpffs); quick when already done.
+    /// Install everything a fresh Debian 12 machine needs (the eBPF build's pinned nightly with
+    /// rust-src, its LLVM, bpf-linker built against that LLVM, apt packages, bpffs); quick when
+    /// already done.
     Setup,
     /// Setup, then build the workspace, run every test, the benchmark's smoke mode and clippy with warnings denied.
     Test {
@@ -79,10 +80,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// `cargo <subcommand> --workspace --exclude lb-ebpf`, run in the workspace root.
+/// `cargo <subcommand> --workspace` without the eBPF crates, run in the workspace root.
 fn cargo_on_host_crates(subcommand: &str) -> Result<std::process::Command> {
     let mut command = process::cargo()?;
-    command.args([subcommand, "--workspace", "--exclude", EBPF_CRATE]);
+    command.args([subcommand, "--workspace"]);
+    for crate_name in EBPF_CRATES {
+        command.args(["--exclude", crate_name]);
+    }
     Ok(command)
 }
 
@@ -126,6 +130,10 @@ fn summarise(outcomes: &[(&str, Result<()>)]) -> Result<()> {
 /// Exits with `ballast demo`'s exit code.
 fn demo() -> Result<()> {
     setup::run()?;
+    // `ballast demo` runs `ballast-lab demo`, the lab's binary beside it (tests/lab): build both.
+    let mut build = process::cargo()?;
+    build.args(["build", "--package", "lb-userspace", "--package", "ballast-lab"]);
+    process::run(&mut build).context("xtask demo: build failed")?;
     let mut ballast_demo = process::cargo()?;
     ballast_demo.args(["run", "--package", "lb-userspace", "--bin", "ballast", "--", "demo"]);
     let status = process::status_of(&mut ballast_demo)?;

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    net::TcpSocket,
     sync::mpsc,
     task::JoinHandle,
 };
 
-use crate::config::{HealthCheck, HealthProbe};
+use crate::generation::config::{HealthCheck, HealthProbe};
 
 /// One backend of one VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -22,11 +22,24 @@ pub struct BackendId {
 
 pub struct Report {
     pub id: BackendId,
-    pub ok: bool,
+    pub outcome: Outcome,
 }
 
-/// The rise/fall state of one backend. Backends start healthy: a daemon that starts (or
-/// restarts) must not take every backend out before the first checks come back.
+/// What one check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Up,
+    Down,
+    /// The check could not be made for a reason of this host, not of the backend (no file
+    /// descriptor, no memory, no local port): it says nothing about the backend, so it counts
+    /// neither way. Whatever starves this host (idle metrics connections, say) must not take
+    /// healthy backends out.
+    Unchecked(String),
+}
+/// The rise/fall state of one backend. Backends start healthy, except those a restarted
+/// daemon finds missing from the generation that runs ([`Health::unhealthy`]): a restart must
+/// neither take every backend out before the first checks come back nor put back the ones it
+/// had taken out.
 #[derive(Clone, Copy, Debug)]
 pub struct Health {
     pub healthy: bool,
@@ -41,6 +54,11 @@ impl Default for Health {
 }
 
 impl Health {
+    /// Out until `rise` checks in a row pass.
+    pub fn unhealthy() -> Health {
+        Health { healthy: false, successes: 0, failures: 0 }
+    }
+
     /// Records one check; true when the backend changed state.
     pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> bool {
         if ok {
@@ -63,36 +81,66 @@ impl Health {
 }
 
 /// Checks `id` forever, sending each result.
-pub fn spawn_checker(id: BackendId, check: HealthCheck, reports: mpsc::Sender<Report>) -> JoinHandle<()> {
+pub(crate) fn spawn_checker(id: BackendId, check: HealthCheck, reports: mpsc::Sender<Report>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(Duration::from_millis(check.interval_ms));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let ok = probe(&check, id.backend).await;
-            if reports.send(Report { id: id.clone(), ok }).await.is_err() {
+            let outcome = probe(&check, id.backend).await;
+            if reports.send(Report { id: id.clone(), outcome }).await.is_err() {
                 return;
             }
         }
     })
 }
 
-pub async fn probe(check: &HealthCheck, backend: IpAddr) -> bool {
+/// Errors that say "this host could not try", not "the backend did not answer".
+fn local_failure(err: &std::io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL | libc::EAGAIN)
+    )
+}
+
+pub async fn probe(check: &HealthCheck, backend: IpAddr) -> Outcome {
+    let address = SocketAddr::new(backend, check.port);
+    // The socket first: failing to get one is this host's problem, never the backend's.
+    let socket = match if backend.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() } {
+        Ok(socket) => socket,
+        Err(err) => return Outcome::Unchecked(format!("no socket for the check: {err}")),
+    };
     let attempt = async {
-        let mut stream = TcpStream::connect(SocketAddr::new(backend, check.port)).await.ok()?;
+        let mut stream = match socket.connect(address).await {
+            Ok(stream) => stream,
+            Err(err) if local_failure(&err) => return Err(format!("connecting: {err}")),
+            Err(_) => return Ok(false),
+        };
         match &check.probe {
-            HealthProbe::Tcp => Some(true),
+            HealthProbe::Tcp => Ok(true),
             HealthProbe::Http { path, expect_status } => {
-                let host = SocketAddr::new(backend, check.port);
-                let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: ballast\r\n\r\n");
-                stream.write_all(request.as_bytes()).await.ok()?;
+                let request = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\nUser-Agent: ballast\r\n\r\n");
+                if stream.write_all(request.as_bytes()).await.is_err() {
+                    return Ok(false);
+                }
+                // The status line, however the backend splits it (at most 64 bytes are read).
                 let mut head = [0u8; 64];
-                let n = stream.read(&mut head).await.ok()?;
-                Some(http_status(&head[..n]) == Some(*expect_status))
+                let mut n = 0;
+                while n < head.len() && !head[..n].contains(&b'\n') {
+                    match stream.read(&mut head[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(read) => n += read,
+                    }
+                }
+                Ok(http_status(&head[..n]) == Some(*expect_status))
             }
         }
     };
-    matches!(tokio::time::timeout(Duration::from_millis(check.timeout_ms), attempt).await, Ok(Some(true)))
+    match tokio::time::timeout(Duration::from_millis(check.timeout_ms), attempt).await {
+        Ok(Ok(true)) => Outcome::Up,
+        Ok(Ok(false)) | Err(_) => Outcome::Down,
+        Ok(Err(local)) => Outcome::Unchecked(local),
+    }
 }
 
 /// The status code of an HTTP status line ("HTTP/1.1 200 OK").
@@ -120,6 +168,96 @@ mod tests {
         assert!(!h.record(true, 2, 3));
         assert!(h.record(true, 2, 3), "two successes in a row: up");
         assert!(h.healthy);
+    }
+
+    #[test]
+    fn a_restart_seeds_missing_backends_unhealthy() {
+        let mut h = Health::unhealthy();
+        assert!(!h.healthy);
+        assert!(!h.record(true, 2, 3));
+        assert!(h.record(true, 2, 3), "rise passes bring it in");
+    }
+
+    #[test]
+    fn only_this_hosts_shortages_are_unchecked() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+            assert!(local_failure(&std::io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::EHOSTUNREACH, libc::ENETUNREACH, libc::ETIMEDOUT] {
+            assert!(!local_failure(&std::io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+    }
+
+    /// With no descriptor left, a check reports "could not check", not a failed backend.
+    /// (Run in a child process: lowering RLIMIT_NOFILE in this test binary would hit the
+    /// other tests.)
+    #[test]
+    fn a_check_without_descriptors_is_unchecked() {
+        if std::env::var_os("BALLAST_HEALTH_EMFILE_CHILD").is_none() {
+            let exe = std::env::current_exe().unwrap();
+            let out = std::process::Command::new(exe)
+                .args(["--exact", "daemon::health::tests::a_check_without_descriptors_is_unchecked", "--nocapture"])
+                .env("BALLAST_HEALTH_EMFILE_CHILD", "1")
+                .output()
+                .unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let check = HealthCheck { probe: HealthProbe::Tcp, port, interval_ms: 100, timeout_ms: 500, rise: 1, fall: 1 };
+        let backend: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(runtime.block_on(probe(&check, backend)), Outcome::Up);
+        // Use up every descriptor below a limit just above what is open now.
+        let limit = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+        // SAFETY: setrlimit with a valid struct; this child process is ours alone.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+        let mut hoard = Vec::new();
+        while let Ok(file) = std::fs::File::open("/dev/null") {
+            hoard.push(file);
+        }
+        let outcome = runtime.block_on(probe(&check, backend));
+        assert!(matches!(outcome, Outcome::Unchecked(ref why) if why.contains("socket")), "{outcome:?}");
+        drop(hoard);
+        assert_eq!(runtime.block_on(probe(&check, backend)), Outcome::Up);
+    }
+
+    /// A status line that arrives in pieces is read whole; a backend that answers otherwise,
+    /// or not at all, is down.
+    #[tokio::test]
+    async fn http_checks_read_the_whole_status_line() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            for answer in [&[&b"HTTP/1.1 2"[..], b"00 OK\r\n\r\n"][..], &[b"HTTP/1.1 503 No\r\n\r\n"], &[]] {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut request = [0u8; 256];
+                let _ = stream.read(&mut request).await.unwrap();
+                for piece in answer {
+                    stream.write_all(piece).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                if answer.is_empty() {
+                    // Silent until the check gives up.
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+            }
+        });
+        let check = HealthCheck {
+            probe: HealthProbe::Http { path: "/health".to_owned(), expect_status: 200 },
+            port,
+            interval_ms: 100,
+            timeout_ms: 300,
+            rise: 1,
+            fall: 1,
+        };
+        let backend: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(probe(&check, backend).await, Outcome::Up, "a status line in two segments");
+        assert_eq!(probe(&check, backend).await, Outcome::Down, "503");
+        assert_eq!(probe(&check, backend).await, Outcome::Down, "no answer");
+        server.await.unwrap();
     }
 
     #[test]

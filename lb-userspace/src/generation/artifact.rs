@@ -1,0 +1,244 @@
+//! Generation artifacts (`ballast build`): a config and the BPF program that serves it,
+//! content-addressed.
+//!
+//! File layout (little-endian): magic "BALLAST\0", format version (u32), the canonical config
+//! (u64 length + JSON), the BPF object (u64 length + ELF), then the 32-byte SHA-256 digest.
+//! The digest covers the format version, the canonical config, the tables the config builds
+//! (the VIPS index slots, BACKENDS, MAGLEV, exactly as loaded into the kernel) and the program's bytes. The
+//! tables are not stored: reading an artifact rebuilds them and recomputes the digest, so a
+//! flipped byte anywhere, or a table builder that changed, is a digest mismatch. Host
+//! parameters (interface, MACs, outer source) are not part of it: one artifact serves a fleet.
+use std::path::Path;
+
+use super::{
+    config::Config,
+    digest::{format_digest, generation_digest, DIGEST_LEN},
+    program::LOAD_BALANCER,
+    Generation,
+};
+use crate::{
+    error::Context as _,
+    files::{read_regular, write_atomically},
+    other, Error,
+};
+
+pub const MAGIC: &[u8; 8] = b"BALLAST\0";
+pub const FORMAT_VERSION: u32 = 1;
+/// The largest artifact (or generation file) read: 64 MiB. The largest generation's artifact
+/// (its canonical config and the program) takes a few MiB.
+pub const MAX_ARTIFACT_BYTES: u64 = 64 << 20;
+
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    pub generation: Generation,
+    /// The BPF object (ELF) this generation runs.
+    pub program: Vec<u8>,
+    pub digest: [u8; DIGEST_LEN],
+}
+
+impl Artifact {
+    pub fn build(config: &Config, program: &[u8]) -> crate::Result<Artifact> {
+        let generation = Generation::build(config)?;
+        let digest = generation_digest(&generation, program);
+        Ok(Artifact { generation, program: program.to_vec(), digest })
+    }
+
+    pub fn digest_string(&self) -> String {
+        format_digest(&self.digest)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let config = self.generation.config.to_canonical_json();
+        let mut out = Vec::with_capacity(64 + config.len() + self.program.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        for section in [config.as_bytes(), &self.program] {
+            out.extend_from_slice(&(section.len() as u64).to_le_bytes());
+            out.extend_from_slice(section);
+        }
+        out.extend_from_slice(&self.digest);
+        out
+    }
+
+    /// Parses and checks an artifact; any inconsistency is an error naming it.
+    pub fn from_bytes(bytes: &[u8]) -> crate::Result<Artifact> {
+        let mut reader = Reader { bytes, at: 0 };
+        if reader.take(MAGIC.len()).ok() != Some(MAGIC.as_slice()) {
+            return Err(Error::ArtifactUnreadable(
+                "not a ballast generation artifact (no BALLAST magic at the start)".to_owned(),
+            ));
+        }
+        let version = u32::from_le_bytes(reader.array()?);
+        if version != FORMAT_VERSION {
+            return Err(Error::ArtifactUnreadable(format!(
+                "artifact format version {version}; this ballast reads version {FORMAT_VERSION}"
+            )));
+        }
+        let config_bytes = reader.section("config")?;
+        let program = reader.section("program")?.to_vec();
+        let recorded: [u8; DIGEST_LEN] = reader.array().context("artifact digest")?;
+        if reader.at != bytes.len() {
+            return Err(Error::ArtifactUnreadable(format!(
+                "{} bytes after the artifact's digest",
+                bytes.len() - reader.at
+            )));
+        }
+        // Rebuild before judging: a corrupt config may not even parse, and the digest covers
+        // the tables built from it.
+        // Only the canonical rendering is accepted, so one generation has one byte form. A
+        // config that is not even text is judged like any other damage: by the digest.
+        let config_json = std::str::from_utf8(config_bytes).unwrap_or("");
+        let config = Config::from_canonical_json(config_json).map_err(|e| e.to_string()).and_then(|c| {
+            if c.to_canonical_json() == config_json {
+                Ok(c)
+            } else {
+                Err("not in canonical form".to_owned())
+            }
+        });
+        let rebuilt = config.as_ref().ok().and_then(|c| Generation::build(c).ok());
+        let computed = rebuilt.as_ref().map(|g| generation_digest(g, &program));
+        match (rebuilt, computed) {
+            (Some(generation), Some(digest)) if digest == recorded => Ok(Artifact { generation, program, digest }),
+            (_, Some(digest)) => Err(Error::DigestMismatch(format!(
+                "the artifact records {} but its content hashes to {}; it is corrupt or was altered",
+                format_digest(&recorded),
+                format_digest(&digest)
+            ))),
+            _ => Err(Error::DigestMismatch(format!(
+                "the artifact records {} but its config does not even parse ({}); it is corrupt or was altered",
+                format_digest(&recorded),
+                config.err().unwrap_or_else(|| "no generation".to_owned())
+            ))),
+        }
+    }
+
+    pub fn read(path: &Path) -> crate::Result<Artifact> {
+        let bytes = read_regular(path, MAX_ARTIFACT_BYTES, "artifact")?;
+        Artifact::from_bytes(&bytes).with_context(|| format!("{}", path.display()))
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> crate::Result<()> {
+        write_atomically(path, &self.to_bytes())
+    }
+}
+
+/// Either file kind, told apart by the artifact magic: an artifact, or a TOML config built
+/// with this binary's program.
+pub fn load_generation_file(path: &Path) -> crate::Result<Artifact> {
+    let bytes = read_regular(path, MAX_ARTIFACT_BYTES, "generation file")?;
+    if bytes.starts_with(MAGIC) {
+        return Artifact::from_bytes(&bytes).with_context(|| format!("{}", path.display()));
+    }
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(Error::ArtifactUnreadable(format!(
+            "{}: neither a ballast artifact (no BALLAST magic at the start: damaged?) nor a TOML config (not text)",
+            path.display()
+        )));
+    }
+    Artifact::build(&Config::from_file_bytes(path, &bytes)?, LOAD_BALANCER)
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize) -> crate::Result<&'a [u8]> {
+        let end = self.at.checked_add(len).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+            Error::ArtifactUnreadable(format!(
+                "artifact truncated: {} bytes wanted at offset {}, {} in the file",
+                len,
+                self.at,
+                self.bytes.len()
+            ))
+        })?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> crate::Result<[u8; N]> {
+        let slice = self.take(N)?;
+        slice.try_into().map_err(|_| other!("internal: slice of {} bytes for an array of {N}", slice.len()))
+    }
+
+    fn section(&mut self, name: &str) -> crate::Result<&'a [u8]> {
+        let len = u64::from_le_bytes(self.array()?);
+        let len = usize::try_from(len).with_context(|| format!("artifact {name} length {len}"))?;
+        self.take(len).with_context(|| format!("artifact {name} section"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::config::EXAMPLE_CONFIG;
+
+    fn example() -> Artifact {
+        Artifact::build(&Config::from_toml_str(EXAMPLE_CONFIG).unwrap(), b"program bytes").unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_determinism() {
+        let a = example();
+        let bytes = a.to_bytes();
+        assert_eq!(bytes, example().to_bytes(), "same config and program: same bytes");
+        let back = Artifact::from_bytes(&bytes).unwrap();
+        assert_eq!(back.digest, a.digest);
+        assert_eq!(back.program, a.program);
+        assert!(a.digest_string().starts_with("sha256:") && a.digest_string().len() == 7 + 64);
+    }
+
+    #[test]
+    fn order_does_not_matter_content_does() {
+        let config = Config::from_toml_str(EXAMPLE_CONFIG).unwrap();
+        let mut reordered = config.clone();
+        reordered.vips.reverse();
+        reordered.vips.iter_mut().for_each(|v| v.backends.reverse());
+        let base = Artifact::build(&config, b"p").unwrap().digest;
+        assert_eq!(Artifact::build(&reordered, b"p").unwrap().digest, base);
+
+        let mut weight = config.clone();
+        weight.vips[0].backends[0].weight += 1;
+        let mut seed = config.clone();
+        seed.hash_seed ^= 1;
+        let mut backend = config.clone();
+        backend.vips[0].backends[0].address = "10.9.9.9".parse().unwrap();
+        for (what, changed) in [("weight", weight), ("seed", seed), ("backend", backend)] {
+            assert_ne!(Artifact::build(&changed, b"p").unwrap().digest, base, "{what}");
+        }
+        assert_ne!(Artifact::build(&config, b"q").unwrap().digest, base, "program");
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let bytes = example().to_bytes();
+        for (i, flip) in (0..bytes.len()).flat_map(|i| [(i, 0x01u8), (i, 0xff)]) {
+            let mut bad = bytes.clone();
+            bad[i] ^= flip;
+            let err = Artifact::from_bytes(&bad).expect_err("a flipped byte must be refused");
+            let text = format!("{err:#}");
+            assert!(
+                text.contains("digest mismatch")
+                    || text.contains("magic")
+                    || text.contains("version")
+                    || text.contains("truncated")
+                    || text.contains("after the artifact"),
+                "byte {i} ^ {flip:#x}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncation_and_garbage_are_refused() {
+        let bytes = example().to_bytes();
+        for len in [0, 4, 12, 20, bytes.len() - 1] {
+            assert!(Artifact::from_bytes(&bytes[..len]).is_err(), "length {len}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(format!("{:#}", Artifact::from_bytes(&longer).unwrap_err()).contains("after the artifact"));
+    }
+}

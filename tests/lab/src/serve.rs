@@ -1,0 +1,115 @@
+//! `ballast lab serve` (hidden): a backend's real server. Bound to the VIPs on the backend's
+//! loopback, it answers every TCP connection with the backend's name and closes it, and every
+//! UDP datagram with the name. The replies leave from the VIP straight to the client
+//! (direct server return): the load balancer never sees them. On the backend's own addresses
+//! it answers health checks (`ballast run`): an HTTP GET of [`HEALTH_PATH`] with 200.
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use ballast::kernel::netns;
+
+/// Printed on stdout once every socket is bound: `up` waits for it.
+pub const READY: &str = "ready";
+/// The path the health responder answers with 200 (any other: 404).
+pub const HEALTH_PATH: &str = "/health";
+/// A health check must send its request within this.
+const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The backend's network namespace.
+    #[arg(long)]
+    pub netns: String,
+    /// The name to answer with.
+    #[arg(long)]
+    pub name: String,
+    /// A TCP address to listen on (repeatable).
+    #[arg(long = "tcp")]
+    pub tcp: Vec<SocketAddr>,
+    /// A UDP address to answer on (repeatable).
+    #[arg(long = "udp")]
+    pub udp: Vec<SocketAddr>,
+    /// An address to answer HTTP health checks on (repeatable): GET /health is 200.
+    #[arg(long = "http")]
+    pub http: Vec<SocketAddr>,
+}
+
+fn listen(addresses: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    addresses.iter().map(|addr| TcpListener::bind(addr).with_context(|| format!("listening on TCP {addr}"))).collect()
+}
+
+pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    // Threads spawned after this inherit the namespace.
+    netns::enter(&args.netns)?;
+    let listeners = listen(&args.tcp)?;
+    let health = listen(&args.http)?;
+    let sockets = args
+        .udp
+        .iter()
+        .map(|addr| UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{READY}").and_then(|()| stdout.flush()).context("signalling readiness")?;
+    drop(stdout);
+    let reply = format!("{}\n", args.name);
+    std::thread::scope(|s| {
+        for listener in &listeners {
+            s.spawn(|| answer_tcp(listener, reply.as_bytes()));
+        }
+        for socket in &sockets {
+            s.spawn(|| answer_udp(socket, reply.as_bytes()));
+        }
+        for listener in &health {
+            s.spawn(|| answer_health(listener, &reply));
+        }
+    });
+    Ok(())
+}
+
+/// Writes the name and closes: the server closes first, so the client's end of the flow is
+/// free again at once and the same source port can be used for the next connection.
+fn answer_tcp(listener: &TcpListener, reply: &[u8]) {
+    for stream in listener.incoming() {
+        let answered = stream.and_then(|mut stream| stream.write_all(reply));
+        if let Err(err) = answered {
+            eprintln!("tcp: {err}");
+        }
+    }
+}
+
+fn answer_udp(socket: &UdpSocket, reply: &[u8]) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let answered = socket.recv_from(&mut buf).and_then(|(_, client)| socket.send_to(reply, client));
+        if let Err(err) = answered {
+            eprintln!("udp: {err}");
+        }
+    }
+}
+
+/// HTTP/1.0 health checks, one at a time: 200 with the name for GET [`HEALTH_PATH`], else 404.
+fn answer_health(listener: &TcpListener, name: &str) {
+    for stream in listener.incoming() {
+        if let Err(err) = stream.and_then(|stream| answer_health_check(stream, name)) {
+            eprintln!("http: {err}");
+        }
+    }
+}
+
+fn answer_health_check(mut stream: TcpStream, name: &str) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(HEALTH_READ_TIMEOUT))?;
+    // The request line is all that matters; it comes in the first segment.
+    let mut request = [0u8; 1024];
+    let n = stream.read(&mut request)?;
+    let line = String::from_utf8_lossy(&request[..n]);
+    let wanted = line.strip_prefix("GET ").and_then(|rest| rest.split_whitespace().next()) == Some(HEALTH_PATH);
+    let response = if wanted {
+        format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{name}", name.len())
+    } else {
+        "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+    };
+    stream.write_all(response.as_bytes())
+}
