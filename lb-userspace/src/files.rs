@@ -149,15 +149,7 @@ fn create_temporary(target: &Path) -> Result<(PathBuf, File)> {
 /// `what` names it in errors ("config", "artifact", ...). A FIFO, a device, a directory or a
 /// file over the cap is refused without blocking and without reading it.
 pub(crate) fn read_regular(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .with_context(|| format!("reading {what} {}", path.display()))?;
-    let meta = file.metadata().with_context(|| format!("examining {what} {}", path.display()))?;
-    if let Some(kind) = not_regular(&meta) {
-        return Err(Error::Other(format!("{what} {} is {kind}, not a regular file; nothing was read", path.display())));
-    }
+    let (file, meta) = open_regular(path, what)?;
     if meta.len() > cap {
         return Err(too_large(path, what, meta.len(), cap));
     }
@@ -167,6 +159,21 @@ pub(crate) fn read_regular(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>>
         return Err(too_large(path, what, bytes.len() as u64, cap));
     }
     Ok(bytes)
+}
+
+/// Opens the regular file at `path` for reading, without blocking on a FIFO or a device:
+/// anything but a regular file (or a symlink to one) is refused before a byte is read.
+pub(crate) fn open_regular(path: &Path, what: &str) -> Result<(File, std::fs::Metadata)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(|| format!("reading {what} {}", path.display()))?;
+    let meta = file.metadata().with_context(|| format!("examining {what} {}", path.display()))?;
+    if let Some(kind) = not_regular(&meta) {
+        return Err(Error::Other(format!("{what} {} is {kind}, not a regular file; nothing was read", path.display())));
+    }
+    Ok((file, meta))
 }
 
 /// [`read_regular`], with None for a file that does not exist.

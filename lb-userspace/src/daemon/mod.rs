@@ -54,7 +54,11 @@ use crate::{
         digest::format_digest,
         program::LOAD_BALANCER,
     },
-    kernel::{pins, running::Running, sys},
+    kernel::{
+        pins,
+        running::{LinkState, Running},
+        sys,
+    },
     ops::{
         attach::{self, AttachRequest},
         audit, status, swap, Change, Target,
@@ -288,11 +292,7 @@ fn observe(iface: &str, known: Option<u32>) -> crate::Result<Observed> {
     }
     if let Some(known) = known {
         if let Some(link) = sys::pinned_xdp_link(&pin)? {
-            let serves = link.ifindex != 0
-                && link.program_id == known
-                && sys::interface_index(iface)? == Some(link.ifindex)
-                && sys::interface_xdp_programs(link.ifindex)?.is_some_and(|p| p.contains(&known));
-            if serves {
+            if link.program_id == known && LinkState::of(iface, &link)?.is_serving() {
                 return Ok(Observed::Unchanged);
             }
         }

@@ -16,6 +16,8 @@ use lb_common::maps::{MAX_BACKENDS, MAX_TABLE_ENTRIES, MAX_VIPS};
 use lb_common::wire::{IPPROTO_TCP, IPPROTO_UDP};
 use serde::{Deserialize, Serialize};
 
+use super::address::is_link_local;
+
 /// A small valid config: what `ballast` users start from, and what the demo runs.
 pub const EXAMPLE_CONFIG: &str = r#"# ballast example config.
 
@@ -719,10 +721,10 @@ fn parse_address(path: &str, text: Option<&str>, what: &str) -> Result<IpAddr, C
         a if a.is_multicast() => Some("a multicast address"),
         IpAddr::V4(a) if a.octets()[0] == 0 => Some("in 0.0.0.0/8 (\"this network\", RFC 1122: never a destination)"),
         IpAddr::V4(a) if a.octets()[0] >= 240 => Some("in 240.0.0.0/4 (reserved, RFC 1112: hosts drop it)"),
-        IpAddr::V4(a) if a.is_link_local() => {
+        IpAddr::V4(a) if is_link_local(a.into()) => {
             Some("link-local (169.254.0.0/16: reachable on one link only, never through the gateway)")
         }
-        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => {
+        IpAddr::V6(a) if is_link_local(a.into()) => {
             Some("link-local (fe80::/10: needs an interface scope, never routed through the gateway)")
         }
         IpAddr::V6(a) if a.segments()[..4] == [0x100, 0, 0, 0] => {

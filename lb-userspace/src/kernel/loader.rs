@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::{bail, error::Context as _, other};
 use aya::{
     maps::{Map, MapData},
-    programs::{links::FdLink, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{links::FdLink, Xdp, XdpMode},
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::maps::{
@@ -154,13 +154,7 @@ impl LoadedGeneration {
 
     /// Runs the program once on `frame` through BPF_PROG_TEST_RUN: (XDP action, output frame).
     pub fn test_run(&self, frame: &[u8]) -> crate::Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .program()?
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() })
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        sys::xdp_test_run(self.program()?.fd()?.as_fd(), frame)
     }
 
     /// Attaches to the interface with that index (in the calling thread's network namespace)

@@ -84,7 +84,7 @@ pub enum LinkState {
 
 impl LinkState {
     /// What the kernel reports about `link`, pinned for `iface`.
-    fn of(iface: &str, link: &sys::XdpLinkInfo) -> crate::Result<LinkState> {
+    pub(crate) fn of(iface: &str, link: &sys::XdpLinkInfo) -> crate::Result<LinkState> {
         if link.ifindex == 0 {
             return Ok(LinkState::Detached);
         }

@@ -160,7 +160,8 @@ pub fn attach_artifact_with(
         Ok(prepared) => prepared,
         Err(err) => return Err(remove_attempt(err, created_dir, &dir)),
     };
-    // Every slot is new here and was zeroed after the probes: only the reasons keep their counts.
+    // Slots new to this generation were zeroed after the probes; what the probes added to
+    // kept ones (a replaced link's) and to the reasons is discounted.
     let mut counter_discount = match (&old_record, &replaced) {
         (Some(old), Some(_)) => old.counter_discount.clone(),
         _ => CounterDiscount::default(),

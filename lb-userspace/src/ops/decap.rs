@@ -19,7 +19,7 @@ use lb_common::maps::{
 
 use crate::{
     generation::{
-        address::{addr_words, family},
+        address::{addr_words, family, is_link_local},
         program::DECAPSULATOR,
     },
     kernel::{
@@ -120,14 +120,7 @@ pub fn counters(iface: &str) -> crate::Result<Vec<(&'static str, u64)>> {
 fn interface_addresses(iface: &str) -> crate::Result<BTreeSet<IpAddr>> {
     Ok(sys::host_addresses()?
         .into_iter()
-        .filter(|(name, addr)| name == iface && !addr.is_loopback() && !is_link_local(addr))
+        .filter(|(name, addr)| name == iface && !addr.is_loopback() && !is_link_local(*addr))
         .map(|(_, addr)| addr)
         .collect())
-}
-
-fn is_link_local(addr: &IpAddr) -> bool {
-    match addr {
-        IpAddr::V4(a) => a.is_link_local(),
-        IpAddr::V6(a) => a.segments()[0] & 0xffc0 == 0xfe80,
-    }
 }

@@ -35,7 +35,7 @@ use crate::{
         running::{counter_slots_of, Running},
         sys,
     },
-    state::{checkpoint, HostRecord, IfaceLock, IfaceRecord, StateDir, ROLLBACK_DEPTH},
+    state::{checkpoint, HostRecord, IfaceLock, IfaceRecord, StateDir},
     Error,
 };
 
@@ -66,13 +66,7 @@ pub fn recover(state: &StateDir, target: &Target) -> crate::Result<Option<String
         if let Some(host) = pending_host {
             record.host = host;
         }
-        if let Some(old) = record.current.replace(pending.clone()) {
-            if old != pending {
-                record.previous.retain(|d| *d != pending);
-                record.previous.insert(0, old);
-                record.previous.truncate(ROLLBACK_DEPTH);
-            }
-        }
+        record.make_current(pending.clone());
         format!("an interrupted change had made {pending} live; the record now says so")
     } else {
         format!(
@@ -325,13 +319,7 @@ fn swap_locked(
         record.pending = None;
         record.counter_slots = record.pending_counter_slots.take().unwrap_or_default();
         record.host = record.pending_host.take().unwrap_or_else(|| HostRecord::of(&host));
-        if let Some(old) = record.current.replace(to.clone()) {
-            if old != to {
-                record.previous.retain(|d| *d != to);
-                record.previous.insert(0, old);
-                record.previous.truncate(ROLLBACK_DEPTH);
-            }
-        }
+        record.make_current(to.clone());
         state.write_record(&target.key, &record)?;
         checkpoint("record-written");
         Ok(preflight_packets)

@@ -2,7 +2,7 @@
 //! the record and against the interface.
 use serde::Serialize;
 
-use super::Target;
+use super::{read_record, Target};
 use crate::{
     generation::{
         address::format_mac,
@@ -45,10 +45,7 @@ pub struct Verification {
 /// read-only for programs; and that its host parameters (.rodata) are the interface's now and
 /// the recorded ones.
 pub fn verify(state: &StateDir, target: &Target) -> crate::Result<Verification> {
-    let (record, unreadable) = match state.record(&target.key) {
-        Ok(record) => (record, None),
-        Err(err) => (None, Some(format!("{err:#}"))),
-    };
+    let (record, unreadable) = read_record(state, &target.key);
     let recorded = record.as_ref().and_then(|r| r.current.clone());
     let running = Running::read(&target.iface)?;
     let running_digest = running.digest.as_ref().map(format_digest);

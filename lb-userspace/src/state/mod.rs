@@ -94,6 +94,19 @@ pub struct IfaceRecord {
     pub pending_host: Option<HostRecord>,
 }
 
+impl IfaceRecord {
+    /// `digest` is what runs now; what ran before it becomes the first rollback target.
+    pub(crate) fn make_current(&mut self, digest: String) {
+        if let Some(old) = self.current.replace(digest.clone()) {
+            if old != digest {
+                self.previous.retain(|d| *d != digest);
+                self.previous.insert(0, old);
+                self.previous.truncate(ROLLBACK_DEPTH);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// Seconds since the Unix epoch.
@@ -132,6 +145,31 @@ pub struct BadLine {
 pub const MAX_RECORD_BYTES: u64 = 64 << 20;
 /// Audit lines longer than this are skipped (an entry takes a few hundred bytes).
 const MAX_AUDIT_LINE_BYTES: u64 = 1 << 20;
+
+/// Opens (creating, 0600, in a private directory) and locks `path` without waiting: None when
+/// another process holds it.
+fn try_flock(path: &Path) -> crate::Result<Option<File>> {
+    if let Some(dir) = path.parent() {
+        files::private_dir(dir)?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(files::PRIVATE_FILE_MODE)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(err).with_context(|| format!("locking {}", path.display()));
+    }
+    Ok(Some(file))
+}
 
 /// Holds the interface's lock until dropped (or the process dies: flock is released then).
 pub struct IfaceLock {
@@ -208,61 +246,30 @@ impl StateDir {
 
     /// Takes the interface's lock, or fails at once if another command holds it.
     pub fn lock(&self, key: &str) -> crate::Result<IfaceLock> {
-        let dir = self.iface_dir(key);
-        files::private_dir(&dir)?;
-        let path = dir.join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(files::PRIVATE_FILE_MODE)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(crate::Error::LockHeld(format!(
-                    "another ballast command is changing {key} right now (lock {} held); try again when it is done",
-                    path.display()
-                )));
-            }
-            return Err(err).with_context(|| format!("locking {}", path.display()));
-        }
-        Ok(IfaceLock { _file: file })
+        let path = self.iface_dir(key).join("lock");
+        try_flock(&path)?.map(|file| IfaceLock { _file: file }).ok_or_else(|| {
+            crate::Error::LockHeld(format!(
+                "another ballast command is changing {key} right now (lock {} held); try again when it is done",
+                path.display()
+            ))
+        })
     }
 
     /// The lock `ballast run` holds for its whole life (`ifaces/<key>/daemon`): one daemon per
     /// interface. Not [`StateDir::lock`], which every command (the daemon too, for each change)
     /// takes only while it changes the interface. Fails at once, naming the holder's pid.
     pub fn daemon_lock(&self, key: &str) -> crate::Result<IfaceLock> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let dir = self.iface_dir(key);
-        files::private_dir(&dir)?;
-        let path = dir.join("daemon");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                let holder = holder.trim();
-                let pid = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
-                return Err(crate::Error::LockHeld(format!(
-                    "another `ballast run`{pid} already serves {key} (lock {} held): one daemon per interface; \
-                     stop that one first",
-                    path.display()
-                )));
-            }
-            return Err(err).with_context(|| format!("locking {}", path.display()));
-        }
+        let path = self.iface_dir(key).join("daemon");
+        let Some(mut file) = try_flock(&path)? else {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let pid = if holder.is_empty() { String::new() } else { format!(" (pid {holder})") };
+            return Err(crate::Error::LockHeld(format!(
+                "another `ballast run`{pid} already serves {key} (lock {} held): one daemon per interface; \
+                 stop that one first",
+                path.display()
+            )));
+        };
         // Ours now: say who holds it, for the next one's message.
         let pid = std::process::id().to_string();
         file.set_len(0)
@@ -339,15 +346,11 @@ impl StateDir {
     pub fn audit_log(&self, key: &str) -> crate::Result<AuditLog> {
         use std::io::BufRead as _;
         let path = self.root.join("audit.jsonl");
-        let file = match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AuditLog::default()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        let file = match files::open_regular(&path, "the audit log") {
+            Ok((file, _)) => file,
+            Err(e) if files::is_not_found(&e) => return Ok(AuditLog::default()),
+            Err(e) => return Err(e),
         };
-        let meta = file.metadata().with_context(|| format!("examining {}", path.display()))?;
-        if !meta.file_type().is_file() {
-            bail!("{} is not a regular file; no history to read", path.display());
-        }
         let mut reader = std::io::BufReader::new(file);
         let mut log = AuditLog::default();
         let mut buf = Vec::new();

@@ -23,7 +23,6 @@
 //! The lab runs ballast by executing the `ballast` binary (found by [`ballast_binary`]) and
 //! its servers by executing `ballast-lab serve` (found by [`lab_binary`]). [`demo`] is
 //! `ballast-lab demo` (`ballast demo`).
-mod binaries;
 mod cli;
 mod client;
 mod command;
@@ -42,7 +41,7 @@ use std::process::Child;
 
 use anyhow::{anyhow, bail, Context as _};
 
-pub use binaries::{ballast_binary, lab_binary};
+pub use ballast_test_support::{ballast_binary, lab_binary};
 pub use cli::{run, status, status_json, LabCommand};
 pub use client::{by_backend, failures, flows, Flow, Load, Reply, UDP_TIMEOUT};
 pub use command::in_netns;

@@ -51,7 +51,8 @@ pub fn pin_root() -> PathBuf {
 
 /// The `ballast` binary of this build: `$BALLAST_BIN` when set, else `ballast` in the directory
 /// of the running executable (another binary in `target/<profile>/`) or the one above it (a
-/// test in `target/<profile>/deps/`). Err, saying how to build it, when it is not there.
+/// test in `target/<profile>/deps/`), else on PATH (installed binaries). Err, saying how to
+/// build it, when it is nowhere.
 pub fn ballast_binary() -> anyhow::Result<PathBuf> {
     built_binary("ballast", "BALLAST_BIN", "lb-userspace")
 }
@@ -71,9 +72,12 @@ fn built_binary(name: &str, override_var: &str, package: &str) -> anyhow::Result
     let exe = std::env::current_exe().context("locating the running executable")?;
     let mut candidates = exe.ancestors().skip(1).take(2).map(|dir| dir.join(name));
     let first = candidates.next().ok_or_else(|| anyhow!("{} has no directory", exe.display()))?;
-    std::iter::once(first.clone()).chain(candidates).find(|path| path.is_file()).ok_or_else(|| {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).collect::<Vec<_>>())
+        .unwrap_or_default();
+    std::iter::once(first.clone()).chain(candidates).chain(on_path).find(|path| path.is_file()).ok_or_else(|| {
         anyhow!(
-            "{name} is missing beside {} (looked in {} and the directory above): build it first with \
+            "{name} is missing beside {} (looked in {}, the directory above and PATH): build it first with \
              `cargo build -p {package}`, or set {override_var}",
             exe.display(),
             first.parent().unwrap_or(&first).display()
