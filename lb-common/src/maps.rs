@@ -6,7 +6,8 @@ use bytemuck::{Pod, Zeroable};
 pub const MAP_VIPS: &str = "VIPS";
 pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_MAGLEV: &str = "MAGLEV";
-pub const CONFIG_MAPS: [&str; 3] = [MAP_VIPS, MAP_BACKENDS, MAP_MAGLEV];
+pub const MAP_LINEAGES: &str = "LINEAGES";
+pub const CONFIG_MAPS: [&str; 4] = [MAP_VIPS, MAP_BACKENDS, MAP_MAGLEV, MAP_LINEAGES];
 
 /// State maps: per-CPU counters, pinned beside the link so they outlive the command.
 pub const MAP_VIP_COUNTERS: &str = "VIP_COUNTERS";
@@ -32,6 +33,9 @@ pub mod globals {
     /// u32 / [u32; 4], network order: fixed outer source; all zero means synthetic.
     pub const OUTER_SOURCE_V4: &str = "OUTER_SOURCE_V4";
     pub const OUTER_SOURCE_V6: &str = "OUTER_SOURCE_V6";
+    /// u8: 1 when some table slot has a lineage (its entry carries [`super::MAGLEV_LINEAGE_FLAG`]):
+    /// without one, the second-chance path is pruned and the program is today's.
+    pub const HAS_LINEAGE: &str = "HAS_LINEAGE";
     /// u32: the interface MTU (largest IP packet, outer header included).
     pub const MTU: &str = "MTU";
     /// u32: seed and mask (slots - 1) of the VIP index.
@@ -92,6 +96,29 @@ pub const MAGLEV_CHUNK_LEN: usize = 32;
 pub type MaglevEntry = u16;
 pub type MaglevChunk = [MaglevEntry; MAGLEV_CHUNK_LEN];
 const _: () = assert!(MAX_BACKENDS as u64 <= MaglevEntry::MAX as u64 + 1);
+
+/// A MAGLEV entry with this bit set is no BACKENDS index but, in its other bits, an index
+/// into LINEAGES: the slot changed owner in the generation's lineage.
+pub const MAGLEV_LINEAGE_FLAG: MaglevEntry = 0x8000;
+/// Distinct (owner, hops) lineages a generation may hold: what the entry's other bits index.
+pub const MAX_LINEAGES: u32 = MAGLEV_LINEAGE_FLAG as u32;
+const _: () = assert!(MAX_BACKENDS <= MAGLEV_LINEAGE_FLAG as u32);
+
+/// Most previous owners one slot carries: the largest lineage depth.
+pub const MAX_HOPS: usize = 4;
+
+/// A LINEAGES entry: a slot's owner in this generation and the distinct backends that owned
+/// it in its predecessors, newest first: the hops of a second-chance packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Lineage {
+    /// Index into BACKENDS.
+    pub owner: u32,
+    /// 1 to MAX_HOPS.
+    pub hop_count: u32,
+    /// Network order, IPv4 in word 0; entries past hop_count are zero.
+    pub hops: [[u32; 4]; MAX_HOPS],
+}
 
 /// Where table entry `index` (counted over all tables) lives: (chunk, lane).
 #[inline(always)]
@@ -216,6 +243,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipMeta {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::Lineage {}
 }
 
 #[cfg(test)]
@@ -244,21 +272,41 @@ pub struct DecapKey {
     pub family: u32,
 }
 
-/// What the decapsulator did with a packet; every verdict is `XDP_PASS`.
+/// What the decapsulator did with a packet. Every packet for this host goes to its stack
+/// (`XDP_PASS`, decapsulated when it was ours) except a second-chance packet handed on to its
+/// next hop (`Forwarded`, `XDP_TX` or a redirect).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapReason {
-    /// IPIP / IP6IP6 to a local address: outer header removed, inner packet passed.
+    /// IPIP / IP6IP6 to a local address (or ballast's GUE whose inner packet is no TCP, which
+    /// gets no second chance): outer header removed, inner packet passed.
     Decapsulated = 0,
-    /// Not IPIP / IP6IP6: passed untouched.
+    /// Not IPIP / IP6IP6 / GUE: passed untouched.
     PassNotEncapsulated = 1,
     /// Encapsulated, but to an address that is not ours: passed untouched.
     PassNotLocal = 2,
     /// Too short, IPv4 options or a fragment in the outer header: passed untouched.
     PassMalformed = 3,
+    /// GUE, a SYN: a new connection is the new owner's. Decapsulated.
+    AcceptedSyn = 4,
+    /// GUE, and a local socket (established, SYN_RECV or TIME_WAIT) knows the flow.
+    AcceptedSocket = 5,
+    /// GUE, an ACK carrying a valid SYN cookie of a local listener.
+    AcceptedCookie = 6,
+    /// GUE with hops, unknown here: sent on to its next hop.
+    Forwarded = 7,
+    /// GUE unknown here with no hop left (or none but this host): decapsulated; the stack
+    /// answers the unknown flow with a reset.
+    LastResort = 8,
+    /// GUE to our port that is not ballast's or is inconsistent (lengths, version, hop count,
+    /// next hop past the hops, inner packet cut short): passed untouched.
+    MalformedGue = 9,
+    /// GUE with hops, unknown here, but no route or neighbour toward the next hop:
+    /// decapsulated like the last resort.
+    ForwardFailed = 10,
 }
 
-pub const DECAP_REASON_COUNT: u32 = 4;
+pub const DECAP_REASON_COUNT: u32 = 11;
 
 impl DecapReason {
     pub const ALL: [DecapReason; DECAP_REASON_COUNT as usize] = [
@@ -266,6 +314,13 @@ impl DecapReason {
         DecapReason::PassNotEncapsulated,
         DecapReason::PassNotLocal,
         DecapReason::PassMalformed,
+        DecapReason::AcceptedSyn,
+        DecapReason::AcceptedSocket,
+        DecapReason::AcceptedCookie,
+        DecapReason::Forwarded,
+        DecapReason::LastResort,
+        DecapReason::MalformedGue,
+        DecapReason::ForwardFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -274,6 +329,13 @@ impl DecapReason {
             DecapReason::PassNotEncapsulated => "pass_not_encapsulated",
             DecapReason::PassNotLocal => "pass_not_local",
             DecapReason::PassMalformed => "pass_malformed",
+            DecapReason::AcceptedSyn => "accepted_syn",
+            DecapReason::AcceptedSocket => "accepted_socket",
+            DecapReason::AcceptedCookie => "accepted_cookie",
+            DecapReason::Forwarded => "forwarded",
+            DecapReason::LastResort => "last_resort",
+            DecapReason::MalformedGue => "malformed_gue",
+            DecapReason::ForwardFailed => "forward_failed",
         }
     }
 }

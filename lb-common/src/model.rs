@@ -22,12 +22,25 @@
 //!   follows ESP is encrypted, so an ESP packet is no TCP or UDP packet the balancer could
 //!   ever forward, and it is treated like any other protocol no VIP serves (as IPv4 ESP is);
 //! - the MTU bounds the IP packet as its length field says (Ethernet padding after it is
-//!   carried along but counts for nothing), outer header included, link layer excluded.
+//!   carried along but counts for nothing), outer header included, link layer excluded: the
+//!   outer header the packet really gets (IPIP / IP6IP6, or GUE with its hops, longer);
+//! - second chance (README "Second chance"): a slot without lineage is encapsulated as
+//!   always. A slot with lineage sends every packet to its owner; a TCP packet with SYN set
+//!   and ACK clear (a connection's first packet) and every UDP packet in IPIP / IP6IP6 as
+//!   always; every other TCP packet (ACK, data, FIN, RST, SYN+ACK, no flag at all) in GUE:
+//!   the outer IP header as IPIP's but protocol 17 (UDP), then UDP (source port
+//!   `0xc000 | hash >> 18`, destination 6080, length, checksum 0), GUE variant 0 (hlen = 1 +
+//!   the hops' words, protocol 4 or 41, flags 0), the hops header (kind 0xb1, next hop 0, hop
+//!   count) and the lineage's hops (1 to 4, the generation's invariant), addresses of the
+//!   family, network order. It is counted as any forwarded packet: `forwarded`, its VIP and
+//!   the owner;
+//! - the TCP flags byte is read at offset 13 of the TCP header whatever its data offset says
+//!   (the 20 bytes a TCP header needs are there, or the packet is truncated).
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::flow::{flow_hash_v4, flow_hash_v6, flow_keys, synthetic_source_v4, synthetic_source_v6, table_slot};
-use crate::maps::{Backend, Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6, VIP_FLAG_ADDRESS_ONLY};
+use crate::maps::{Backend, Lineage, Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6, VIP_FLAG_ADDRESS_ONLY};
 
 const ETHERNET_LEN: usize = 14;
 const VLAN_TAG_LEN: usize = 4;
@@ -41,6 +54,15 @@ const IPV6_HEADER: usize = 40;
 const OUTER_HOP_LIMIT: u8 = 64;
 const IPIP: u8 = 4;
 const IP6IP6: u8 = 41;
+const UDP_HEADER: usize = 8;
+/// GUE's fixed header and ballast's hops header before the hops: 4 bytes each.
+const GUE_HEADER: usize = 4;
+const HOPS_HEADER: usize = 4;
+const GUE_DESTINATION_PORT: u16 = 6080;
+const HOPS_KIND: u8 = 0xb1;
+const TCP_FLAGS_AT: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// IANA's IPv6 extension header types without ESP (see the module documentation).
 const IPV6_EXTENSION_HEADERS: [u8; 10] = [0, 43, 44, 51, 60, 135, 139, 140, 253, 254];
@@ -53,8 +75,10 @@ pub struct GenerationView<'a> {
     pub vips: &'a BTreeMap<VipKey, VipMeta>,
     /// The BACKENDS array.
     pub backends: &'a [Backend],
-    /// The MAGLEV array, one entry per slot (not chunked).
+    /// The MAGLEV array, one entry per slot (not chunked): each slot's owner.
     pub maglev: &'a [u32],
+    /// The slots (by index into `maglev`) that changed owner in the generation's lineage.
+    pub lineage: Option<&'a BTreeMap<u32, Lineage>>,
     has_ipv4: bool,
     has_ipv6: bool,
 }
@@ -72,9 +96,15 @@ impl<'a> GenerationView<'a> {
             vips,
             backends,
             maglev,
+            lineage: None,
             has_ipv4: serves(FAMILY_IPV4),
             has_ipv6: serves(FAMILY_IPV6),
         }
+    }
+
+    /// The view with the generation's lineage (see [`GenerationView::lineage`]).
+    pub fn with_lineage(self, lineage: &'a BTreeMap<u32, Lineage>) -> Self {
+        GenerationView { lineage: Some(lineage), ..self }
     }
 
     fn serves_family(&self, family: u8) -> bool {
@@ -143,9 +173,11 @@ impl Flow {
 pub struct Selection {
     pub hash: u32,
     pub vip_index: u32,
-    /// Index into BACKENDS, which is also the backend's counter index.
+    /// Index into BACKENDS, which is also the backend's counter index: the slot's owner.
     pub backend_index: u32,
     pub backend: Backend,
+    /// The slot's lineage, when it changed owner: the owner and its previous owners.
+    pub lineage: Option<Lineage>,
 }
 
 /// Why a flow to a VIP was not given a backend.
@@ -162,9 +194,11 @@ pub fn select(view: &GenerationView<'_>, flow: &Flow) -> Result<Selection, NoSel
     let meta = view.vip_of(flow).ok_or(NoSelection::NotVip)?;
     let hash = flow.hash(view.hash_seed);
     let slot = meta.table_offset as usize + table_slot(hash, meta.table_size) as usize;
-    let backend_index = *view.maglev.get(slot).ok_or(NoSelection::TableMiss)?;
+    let owner = *view.maglev.get(slot).ok_or(NoSelection::TableMiss)?;
+    let lineage = view.lineage.and_then(|lineages| lineages.get(&(slot as u32))).copied();
+    let backend_index = lineage.map_or(owner, |lineage| lineage.owner);
     let backend = *view.backends.get(backend_index as usize).ok_or(NoSelection::TableMiss)?;
-    Ok(Selection { hash, vip_index: meta.vip_index, backend_index, backend })
+    Ok(Selection { hash, vip_index: meta.vip_index, backend_index, backend, lineage })
 }
 
 /// What the data plane does with one frame.
@@ -182,6 +216,8 @@ pub struct Forwarded {
     pub selection: Selection,
     /// Length of the inner IP packet (its length field), what the byte counters add.
     pub ip_len: usize,
+    /// Sent in GUE with the slot's previous owners as hops (else IPIP / IP6IP6).
+    pub second_chance: bool,
 }
 
 impl Decision {
@@ -226,6 +262,8 @@ struct Candidate {
     l3: usize,
     /// The IP packet's length as its header says.
     ip_len: usize,
+    /// The TCP flags byte; None for UDP.
+    tcp_flags: Option<u8>,
 }
 
 fn classify(frame: &[u8], view: &GenerationView<'_>) -> Result<Candidate, Reason> {
@@ -239,8 +277,9 @@ fn classify(frame: &[u8], view: &GenerationView<'_>) -> Result<Candidate, Reason
         return Err(Reason::PassNotVip);
     }
     let ip = &frame[link.len..];
-    let (flow, ip_len) = if family == FAMILY_IPV4 { ipv4(ip, view)? } else { ipv6(ip, view)? };
-    Ok(Candidate { flow, l3: link.len, ip_len })
+    let (flow, ip_len, header_len) = if family == FAMILY_IPV4 { ipv4(ip, view)? } else { ipv6(ip, view)? };
+    let tcp_flags = (flow.protocol == TCP).then(|| ip[header_len + TCP_FLAGS_AT]);
+    Ok(Candidate { flow, l3: link.len, ip_len, tcp_flags })
 }
 
 /// `why` when the packet is toward a VIP address, `pass_not_vip` otherwise.
@@ -269,8 +308,9 @@ fn lengths_hold(available: usize, header_len: usize, ip_len: usize, protocol: u8
     ip_len >= header_len + min_transport_header(protocol) && ip_len <= available
 }
 
-/// (flow, IP length) of an IPv4 packet that may be forwarded, or the reason it may not.
-fn ipv4(ip: &[u8], view: &GenerationView<'_>) -> Result<(Flow, usize), Reason> {
+/// (flow, IP length, header length) of an IPv4 packet that may be forwarded, or the reason
+/// it may not.
+fn ipv4(ip: &[u8], view: &GenerationView<'_>) -> Result<(Flow, usize, usize), Reason> {
     if ip.len() < IPV4_MIN_HEADER {
         return Err(Reason::PassMalformed);
     }
@@ -297,11 +337,12 @@ fn ipv4(ip: &[u8], view: &GenerationView<'_>) -> Result<(Flow, usize), Reason> {
     }
     let (sport, dport) = ports(ip, IPV4_MIN_HEADER);
     let flow = Flow { family: FAMILY_IPV4, saddr: [word(ip, 12), 0, 0, 0], daddr, sport, dport, protocol };
-    Ok((flow, total_len))
+    Ok((flow, total_len, IPV4_MIN_HEADER))
 }
 
-/// (flow, IP length) of an IPv6 packet that may be forwarded, or the reason it may not.
-fn ipv6(ip: &[u8], view: &GenerationView<'_>) -> Result<(Flow, usize), Reason> {
+/// (flow, IP length, header length) of an IPv6 packet that may be forwarded, or the reason
+/// it may not.
+fn ipv6(ip: &[u8], view: &GenerationView<'_>) -> Result<(Flow, usize, usize), Reason> {
     if ip.len() < IPV6_HEADER {
         return Err(Reason::PassMalformed);
     }
@@ -326,7 +367,7 @@ fn ipv6(ip: &[u8], view: &GenerationView<'_>) -> Result<(Flow, usize), Reason> {
     }
     let (sport, dport) = ports(ip, IPV6_HEADER);
     let flow = Flow { family: FAMILY_IPV6, saddr: words4(ip, 8), daddr, sport, dport, protocol: next_header };
-    Ok((flow, total_len))
+    Ok((flow, total_len, IPV6_HEADER))
 }
 
 fn forward(frame: &[u8], packet: &Candidate, view: &GenerationView<'_>, host: &HostView) -> Decision {
@@ -336,10 +377,21 @@ fn forward(frame: &[u8], packet: &Candidate, view: &GenerationView<'_>, host: &H
         Err(NoSelection::TableMiss) => return Decision::refused(Reason::DropTableMiss),
     };
     let ip = &frame[packet.l3..];
-    let outer = if packet.flow.family == FAMILY_IPV4 {
-        ipip_header(ip, packet.ip_len, &selection, host)
-    } else {
-        ip6ip6_header(ip, packet.ip_len, &selection, host)
+    let second_chance = selection.lineage.filter(|_| packet.tcp_flags.is_some_and(|flags| !is_syn(flags)));
+    let ipv4 = packet.flow.family == FAMILY_IPV4;
+    let outer = match second_chance {
+        None if ipv4 => ipip_header(ip, packet.ip_len, &selection, host),
+        None => ip6ip6_header(ip, packet.ip_len, &selection, host),
+        Some(lineage) => {
+            let gue = gue_hops(ipv4, packet.ip_len, selection.hash, &lineage);
+            let mut outer = if ipv4 {
+                ipv4_outer(ip, packet.ip_len + gue.len(), UDP, &selection, host)
+            } else {
+                ipv6_outer(ip, packet.ip_len + gue.len(), UDP, &selection, host)
+            };
+            outer.extend_from_slice(&gue);
+            outer
+        }
     };
     if packet.ip_len + outer.len() > host.mtu as usize {
         return Decision::refused(Reason::DropTooBig);
@@ -355,20 +407,31 @@ fn forward(frame: &[u8], packet: &Candidate, view: &GenerationView<'_>, host: &H
     Decision {
         reason: Reason::Forwarded,
         output: Some(output),
-        forwarded: Some(Forwarded { selection, ip_len: packet.ip_len }),
+        forwarded: Some(Forwarded { selection, ip_len: packet.ip_len, second_chance: second_chance.is_some() }),
     }
 }
 
-/// IPv4 outer header: DSCP/ECN and DF copied, identification 0, TTL 64, checksum set.
+/// A TCP packet that starts a connection: SYN set, ACK clear.
+fn is_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// IPIP outer header: see [`ipv4_outer`].
 fn ipip_header(inner: &[u8], inner_len: usize, selection: &Selection, host: &HostView) -> Vec<u8> {
+    ipv4_outer(inner, inner_len, IPIP, selection, host)
+}
+
+/// IPv4 outer header before `payload_len` bytes of `protocol`: DSCP/ECN and DF copied from
+/// the inner header, identification 0, TTL 64, checksum set.
+fn ipv4_outer(inner: &[u8], payload_len: usize, protocol: u8, selection: &Selection, host: &HostView) -> Vec<u8> {
     let source = host.source_v4.unwrap_or_else(|| synthetic_source_v4(selection.hash).to_ne_bytes());
     let destination = selection.backend.addr[0].to_ne_bytes();
-    let total_len = (inner_len + IPV4_MIN_HEADER) as u16;
+    let total_len = (payload_len + IPV4_MIN_HEADER) as u16;
     let dont_fragment = inner[6] & 0x40;
     let mut header = Vec::with_capacity(IPV4_MIN_HEADER);
     header.extend_from_slice(&[0x45, inner[1]]);
     header.extend_from_slice(&total_len.to_be_bytes());
-    header.extend_from_slice(&[0, 0, dont_fragment, 0, OUTER_HOP_LIMIT, IPIP, 0, 0]);
+    header.extend_from_slice(&[0, 0, dont_fragment, 0, OUTER_HOP_LIMIT, protocol, 0, 0]);
     header.extend_from_slice(&source);
     header.extend_from_slice(&destination);
     let checksum = internet_checksum(&header);
@@ -376,18 +439,52 @@ fn ipip_header(inner: &[u8], inner_len: usize, selection: &Selection, host: &Hos
     header
 }
 
-/// IPv6 outer header: traffic class copied, flow label from the flow hash, hop limit 64.
+/// IP6IP6 outer header: see [`ipv6_outer`].
 fn ip6ip6_header(inner: &[u8], inner_len: usize, selection: &Selection, host: &HostView) -> Vec<u8> {
+    ipv6_outer(inner, inner_len, IP6IP6, selection, host)
+}
+
+/// IPv6 outer header before `payload_len` bytes of `next_header`: traffic class copied,
+/// flow label from the flow hash, hop limit 64.
+fn ipv6_outer(inner: &[u8], payload_len: usize, next_header: u8, selection: &Selection, host: &HostView) -> Vec<u8> {
     let source = host.source_v6.unwrap_or_else(|| words_bytes(synthetic_source_v6(selection.hash)));
     let traffic_class = u32::from((inner[0] << 4) | (inner[1] >> 4));
     let first_word = (6 << 28) | (traffic_class << 20) | (selection.hash & 0xf_ffff);
     let mut header = Vec::with_capacity(IPV6_HEADER);
     header.extend_from_slice(&first_word.to_be_bytes());
-    header.extend_from_slice(&(inner_len as u16).to_be_bytes());
-    header.extend_from_slice(&[IP6IP6, OUTER_HOP_LIMIT]);
+    header.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    header.extend_from_slice(&[next_header, OUTER_HOP_LIMIT]);
     header.extend_from_slice(&source);
     header.extend_from_slice(&words_bytes(selection.backend.addr));
     header
+}
+
+/// What follows the outer IP header of a second-chance packet, up to the inner packet of
+/// `inner_len` bytes: UDP, GUE, the hops header and the lineage's hops (4-byte addresses
+/// for IPv4, 16-byte for IPv6).
+fn gue_hops(ipv4: bool, inner_len: usize, hash: u32, lineage: &Lineage) -> Vec<u8> {
+    let hops = &lineage.hops[..(lineage.hop_count as usize).min(lineage.hops.len())];
+    let address_len = if ipv4 { 4 } else { 16 };
+    let private_len = HOPS_HEADER + hops.len() * address_len;
+    let udp_len = UDP_HEADER + GUE_HEADER + private_len + inner_len;
+    let source_port = 0xc000 | (hash >> 18) as u16;
+    let mut bytes = Vec::with_capacity(udp_len - inner_len);
+    bytes.extend_from_slice(&source_port.to_be_bytes());
+    bytes.extend_from_slice(&GUE_DESTINATION_PORT.to_be_bytes());
+    bytes.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    bytes.extend_from_slice(&[0, 0]);
+    // Version 0, C 0, hlen: the 32-bit words of private data after GUE's header.
+    let hlen = (private_len / 4) as u8;
+    bytes.extend_from_slice(&[hlen, if ipv4 { IPIP } else { IP6IP6 }, 0, 0]);
+    bytes.extend_from_slice(&[HOPS_KIND, 0, hops.len() as u8, 0]);
+    for hop in hops {
+        if ipv4 {
+            bytes.extend_from_slice(&hop[0].to_ne_bytes());
+        } else {
+            bytes.extend_from_slice(&words_bytes(*hop));
+        }
+    }
+    bytes
 }
 
 /// RFC 1071 checksum of an even number of bytes, as the value to store big-endian.
@@ -424,6 +521,7 @@ fn ports(ip: &[u8], at: usize) -> (u16, u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::{format, vec};
 
     fn one_vip() -> (BTreeMap<VipKey, VipMeta>, [Backend; 1], [u32; 3]) {
         let addr = [u32::from_ne_bytes([192, 0, 2, 10]), 0, 0, 0];
@@ -492,5 +590,268 @@ mod tests {
         assert_eq!(with(&|f| f[12..14].copy_from_slice(&[0x86, 0xdd])), Reason::PassNotVip, "no IPv6 VIP");
         let small_mtu = HostView { mtu: 59, ..host() };
         assert_eq!(process(&tcp_frame(), &view, &small_mtu).0, Reason::DropTooBig);
+    }
+    const IPV4_VIP: [u8; 4] = [192, 0, 2, 10];
+    const IPV6_VIP: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+    const TABLE: u32 = 3;
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const PSH: u8 = 0x08;
+    const ACK: u8 = 0x10;
+
+    /// 2001:db8:0:GROUP::LAST.
+    fn v6(group: u8, last: u8) -> [u8; 16] {
+        [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, group, 0, 0, 0, 0, 0, 0, 0, last]
+    }
+
+    fn v6_words(bytes: [u8; 16]) -> [u32; 4] {
+        bytemuck::cast(bytes)
+    }
+
+    /// TCP port 80 and UDP port 53 on an IPv4 and an IPv6 address, tables of 3 slots each
+    /// (slots 0-2 IPv4/TCP, 3-5 IPv4/UDP, 6-8 IPv6/TCP, 9-11 IPv6/UDP); every IPv4 slot owned
+    /// by backend 0 (10.0.0.1), every IPv6 slot by backend 1 (2001:db8:0:1::1).
+    struct TwoFamilies {
+        vips: BTreeMap<VipKey, VipMeta>,
+        backends: [Backend; 2],
+        maglev: [u32; 12],
+    }
+
+    impl TwoFamilies {
+        fn new() -> TwoFamilies {
+            let mut vips = BTreeMap::new();
+            let addresses = [(FAMILY_IPV4, [word(&IPV4_VIP, 0), 0, 0, 0]), (FAMILY_IPV6, v6_words(IPV6_VIP))];
+            for (f, (family, addr)) in addresses.into_iter().enumerate() {
+                for (p, (protocol, port)) in [(TCP, 80u16), (UDP, 53)].into_iter().enumerate() {
+                    let index = (2 * f + p) as u32;
+                    let key = VipKey { addr, port: port.to_be(), protocol, family };
+                    let meta = VipMeta { table_offset: TABLE * index, table_size: TABLE, vip_index: index, flags: 0 };
+                    vips.insert(key, meta);
+                    let marker = VipMeta { flags: VIP_FLAG_ADDRESS_ONLY, ..VipMeta::default() };
+                    vips.insert(VipKey { port: 0, ..key }, marker);
+                }
+            }
+            let backends = [
+                Backend { addr: [u32::from_ne_bytes([10, 0, 0, 1]), 0, 0, 0], counter_index: 0 },
+                Backend { addr: v6_words(v6(1, 1)), counter_index: 1 },
+            ];
+            TwoFamilies { vips, backends, maglev: [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1] }
+        }
+
+        fn view(&self) -> GenerationView<'_> {
+            GenerationView::new(7, &self.vips, &self.backends, &self.maglev)
+        }
+
+        /// Every slot changed owner: each keeps its owner and gets `hop_count` previous
+        /// owners, 10.0.0.2, 10.0.0.3, ... or 2001:db8:0:1::2, 2001:db8:0:1::3, ...
+        fn every_slot_changed(&self, hop_count: u32) -> BTreeMap<u32, Lineage> {
+            let lineage = |slot: usize, owner: u32| {
+                let mut hops = [[0; 4]; 4];
+                for (i, hop) in hops.iter_mut().take(hop_count as usize).enumerate() {
+                    let last = 2 + i as u8;
+                    *hop =
+                        if slot < 6 { [u32::from_ne_bytes([10, 0, 0, last]), 0, 0, 0] } else { v6_words(v6(1, last)) };
+                }
+                Lineage { owner, hop_count, hops }
+            };
+            self.maglev.iter().enumerate().map(|(slot, &owner)| (slot as u32, lineage(slot, owner))).collect()
+        }
+    }
+
+    /// Ethernet, then IPv4 (TOS 0xb8, DF) or IPv6 (class 0xb8) from a client to the VIP of
+    /// that family, then TCP with `flags` to port 80 or UDP to port 53, `payload` bytes after.
+    fn frame(ipv4: bool, protocol: u8, flags: u8, payload: usize) -> Vec<u8> {
+        let mut l4 = vec![0x9c, 0x40, 0, if protocol == TCP { 80 } else { 53 }];
+        if protocol == TCP {
+            l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 2, 0x50, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+        } else {
+            l4.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        l4.extend((0..payload).map(|i| i as u8));
+        let mut frame = [[0u8; 12].as_slice(), if ipv4 { &[0x08, 0x00] } else { &[0x86, 0xdd] }].concat();
+        if ipv4 {
+            frame.extend_from_slice(&[0x45, 0xb8]);
+            frame.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            frame.extend_from_slice(&[0x12, 0x34, 0x40, 0, 9, protocol, 0, 0, 198, 51, 100, 7]);
+            frame.extend_from_slice(&IPV4_VIP);
+        } else {
+            frame.extend_from_slice(&[0x6b, 0x81, 0x23, 0x45]);
+            frame.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            frame.extend_from_slice(&[protocol, 9]);
+            frame.extend_from_slice(&v6(0x99, 7));
+            frame.extend_from_slice(&IPV6_VIP);
+        }
+        frame.extend_from_slice(&l4);
+        frame
+    }
+
+    fn tcp(ipv4: bool, flags: u8) -> Vec<u8> {
+        frame(ipv4, TCP, flags, 3)
+    }
+
+    /// The decision for `frame`, which must be forwarded, and its flow hash.
+    fn forward_of(frame: &[u8], view: &GenerationView<'_>, host: &HostView) -> (Decision, Forwarded) {
+        let decision = decide(frame, view, host);
+        let forwarded = decision.forwarded.unwrap_or_else(|| panic!("{:?}, not forwarded", decision.reason));
+        (decision, forwarded)
+    }
+
+    /// The slot (index into MAGLEV) of a frame the view forwards.
+    fn slot_of(frame: &[u8], view: &GenerationView<'_>) -> u32 {
+        let flow = classify(frame, view).map(|c| c.flow).unwrap_or_else(|reason| panic!("{reason:?}"));
+        let meta = view.vip_of(&flow).copied().unwrap_or_default();
+        meta.table_offset + table_slot(flow.hash(view.hash_seed), meta.table_size)
+    }
+
+    #[test]
+    fn a_slot_that_kept_its_owner_is_encapsulated_as_without_lineage() {
+        let generation = TwoFamilies::new();
+        let plain = generation.view();
+        for ipv4 in [true, false] {
+            for (protocol, flags) in [(TCP, SYN), (TCP, ACK), (TCP, FIN | ACK), (TCP, RST), (UDP, 0)] {
+                let frame = frame(ipv4, protocol, flags, 5);
+                let (today, _) = forward_of(&frame, &plain, &host());
+                // Every slot but the flow's own changed owner.
+                let mut lineage = generation.every_slot_changed(2);
+                lineage.remove(&slot_of(&frame, &plain));
+                assert_eq!(lineage.len(), 11);
+                let (with_lineage, forwarded) = forward_of(&frame, &plain.with_lineage(&lineage), &host());
+                assert_eq!(with_lineage, today, "IPv4 {ipv4}, protocol {protocol}, flags {flags:#x}");
+                assert!(!forwarded.second_chance && forwarded.selection.lineage.is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn a_syn_and_udp_to_a_changed_slot_go_to_its_owner_in_ipip_as_today() {
+        let generation = TwoFamilies::new();
+        let lineage = generation.every_slot_changed(3);
+        let (plain, changed) = (generation.view(), generation.view().with_lineage(&lineage));
+        for ipv4 in [true, false] {
+            for (protocol, flags) in [(TCP, SYN), (TCP, SYN | PSH | FIN), (UDP, 0), (UDP, ACK)] {
+                let frame = frame(ipv4, protocol, flags, 9);
+                let what = format!("IPv4 {ipv4}, protocol {protocol}, flags {flags:#x}");
+                let (decision, forwarded) = forward_of(&frame, &changed, &host());
+                assert_eq!(decision.output, decide(&frame, &plain, &host()).output, "{what}");
+                assert!(!forwarded.second_chance && forwarded.selection.lineage.is_some(), "{what}");
+                let output = decision.output.unwrap_or_default();
+                assert_eq!(output.len(), frame.len() + if ipv4 { 20 } else { 40 }, "{what}");
+                let next_protocol = if ipv4 { output[23] } else { output[20] };
+                assert_eq!(next_protocol, if ipv4 { IPIP } else { IP6IP6 }, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn any_other_tcp_packet_to_a_changed_slot_goes_in_gue_with_the_hops() {
+        let generation = TwoFamilies::new();
+        let lineage = generation.every_slot_changed(2);
+        let view = generation.view().with_lineage(&lineage);
+        for flags in [ACK, PSH | ACK, FIN | ACK, RST, RST | ACK, SYN | ACK, FIN, 0] {
+            let frame = tcp(true, flags);
+            let (decision, forwarded) = forward_of(&frame, &view, &host());
+            assert!(forwarded.second_chance && forwarded.selection.backend_index == 0, "flags {flags:#x}");
+            let hash = forwarded.selection.hash;
+            let output = decision.output.unwrap_or_default();
+            // Inner 43 bytes; outer 20 IPv4 + 8 UDP + 4 GUE + 4 hops header + 2 x 4 hops.
+            assert_eq!(output.len(), frame.len() + 44, "flags {flags:#x}");
+            assert_eq!(&output[..14], &[2, 0, 0, 0, 0, 3, 2, 0, 0, 0, 0, 2, 0x08, 0x00]);
+            // TOS and DF copied, total length 87, id 0, TTL 64, UDP; to the owner.
+            assert_eq!(&output[14..24], &[0x45, 0xb8, 0, 87, 0, 0, 0x40, 0, 64, 17]);
+            assert_eq!(internet_checksum(&output[14..34]), 0, "the header checksums to zero");
+            assert_eq!(&output[26..34], &[172, 16, (hash >> 8) as u8, hash as u8, 10, 0, 0, 1]);
+            // UDP: source port 0xc000 | hash >> 18, 6080, length 8 + 4 + 4 + 8 + 43, checksum 0.
+            let sport = 0xc000 | (hash >> 18) as u16;
+            assert_eq!(&output[34..42], &[(sport >> 8) as u8, sport as u8, 0x17, 0xc0, 0, 67, 0, 0]);
+            // GUE: version 0, hlen 3 words (hops header and two hops), IPv4 inside, flags 0.
+            assert_eq!(&output[42..46], &[3, 4, 0, 0]);
+            assert_eq!(&output[46..50], &[0xb1, 0, 2, 0]);
+            assert_eq!(&output[50..58], &[10, 0, 0, 2, 10, 0, 0, 3]);
+            assert_eq!(&output[58..], &frame[14..]);
+        }
+    }
+
+    #[test]
+    fn ipv6_gue_carries_sixteen_byte_hops() {
+        let generation = TwoFamilies::new();
+        let lineage = generation.every_slot_changed(2);
+        let view = generation.view().with_lineage(&lineage);
+        let frame = frame(false, TCP, PSH | ACK, 6);
+        let (decision, forwarded) = forward_of(&frame, &view, &host());
+        assert!(forwarded.second_chance && forwarded.selection.backend_index == 1);
+        let hash = forwarded.selection.hash;
+        let output = decision.output.unwrap_or_default();
+        // Inner 66 bytes; outer 40 + 8 + 4 + 4 + 2 x 16.
+        assert_eq!(output.len(), frame.len() + 88);
+        assert_eq!(&output[12..14], &[0x86, 0xdd]);
+        // Class copied, flow label from the hash; payload 8 + 4 + 4 + 32 + 66, UDP, hop limit 64.
+        assert_eq!(&output[14..18], &((6 << 28) | (0xb8 << 20) | (hash & 0xf_ffff)).to_be_bytes());
+        assert_eq!(&output[18..22], &[0, 114, 17, 64]);
+        assert_eq!(&output[22..38], &[[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0].as_slice(), &hash.to_be_bytes()].concat());
+        assert_eq!(&output[38..54], &v6(1, 1));
+        let sport = 0xc000 | (hash >> 18) as u16;
+        assert_eq!(&output[54..62], &[(sport >> 8) as u8, sport as u8, 0x17, 0xc0, 0, 114, 0, 0]);
+        // hlen 9 words: the hops header and two 4-word hops; IPv6 inside.
+        assert_eq!(&output[62..66], &[9, 41, 0, 0]);
+        assert_eq!(&output[66..70], &[0xb1, 0, 2, 0]);
+        assert_eq!(&output[70..102], &[v6(1, 2), v6(1, 3)].concat());
+        assert_eq!(&output[102..], &frame[14..]);
+        for flags in [SYN | ACK, FIN, RST, 0] {
+            assert!(forward_of(&tcp(false, flags), &view, &host()).1.second_chance, "flags {flags:#x}");
+        }
+        let syn = decide(&tcp(false, SYN), &view, &host()).output.unwrap_or_default();
+        assert_eq!((syn.len(), syn[20]), (tcp(false, SYN).len() + 40, IP6IP6), "a SYN goes in IP6IP6");
+    }
+
+    #[test]
+    fn the_hop_count_sets_the_gue_lengths() {
+        let generation = TwoFamilies::new();
+        for hop_count in 1..=4u32 {
+            let lineage = generation.every_slot_changed(hop_count);
+            let view = generation.view().with_lineage(&lineage);
+            for (ipv4, l3_len, address_len) in [(true, 20, 4), (false, 40, 16)] {
+                let frame = tcp(ipv4, ACK);
+                let output = decide(&frame, &view, &host()).output.unwrap_or_default();
+                let hops_len = hop_count as usize * address_len;
+                assert_eq!(output.len(), frame.len() + l3_len + 16 + hops_len);
+                let udp = 14 + l3_len;
+                let udp_len = usize::from(u16::from_be_bytes([output[udp + 4], output[udp + 5]]));
+                assert_eq!(udp_len, output.len() - udp, "UDP covers the rest of the frame");
+                assert_eq!(usize::from(output[udp + 8]), 1 + hops_len / 4, "hlen");
+                assert_eq!(u32::from(output[udp + 14]), hop_count);
+            }
+        }
+    }
+
+    #[test]
+    fn the_mtu_counts_the_gue_header() {
+        let generation = TwoFamilies::new();
+        let lineage = generation.every_slot_changed(2);
+        let view = generation.view().with_lineage(&lineage);
+        // Inner packets of 43 (IPv4) and 63 (IPv6) bytes: IPIP adds 20, IP6IP6 40, GUE with two
+        // hops 44 and 88.
+        for (ipv4, plain_mtu, gue_mtu) in [(true, 63, 87), (false, 103, 151)] {
+            let at = |mtu: u32, flags: u8| decide(&tcp(ipv4, flags), &view, &HostView { mtu, ..host() });
+            assert_eq!(at(gue_mtu, ACK).reason, Reason::Forwarded, "IPv4 {ipv4}");
+            let too_big = at(gue_mtu - 1, ACK);
+            assert_eq!((too_big.reason, too_big.output, too_big.forwarded), (Reason::DropTooBig, None, None));
+            assert_eq!(at(gue_mtu - 1, SYN).reason, Reason::Forwarded, "IPv4 {ipv4}: a SYN needs IPIP's room");
+            assert_eq!(at(plain_mtu, SYN).reason, Reason::Forwarded, "IPv4 {ipv4}");
+            assert_eq!(at(plain_mtu - 1, SYN).reason, Reason::DropTooBig, "IPv4 {ipv4}");
+        }
+    }
+
+    #[test]
+    fn a_fixed_outer_source_is_the_gue_source_too() {
+        let generation = TwoFamilies::new();
+        let lineage = generation.every_slot_changed(1);
+        let view = generation.view().with_lineage(&lineage);
+        let fixed = HostView { source_v4: Some([203, 0, 113, 1]), source_v6: Some(v6(9, 9)), ..host() };
+        let ipv4 = decide(&tcp(true, ACK), &view, &fixed).output.unwrap_or_default();
+        assert_eq!(&ipv4[26..30], &[203, 0, 113, 1]);
+        let ipv6 = decide(&tcp(false, ACK), &view, &fixed).output.unwrap_or_default();
+        assert_eq!(&ipv6[22..38], &v6(9, 9));
     }
 }

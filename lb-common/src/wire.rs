@@ -65,6 +65,56 @@ pub struct Ipv6Hdr {
     pub daddr: [u32; 4],
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+/// The UDP destination port of ballast's GUE (network order on the wire): the port IANA
+/// assigned to GUE. Second-chance packets go there (README "Second chance").
+pub const GUE_PORT: u16 = 6080;
+
+/// GUE variant 0 (draft-ietf-intarea-gue-09, section 3.1): `ver(2) C(1) hlen(5)` in the
+/// first byte, where hlen counts the 32-bit words of optional fields and private data after
+/// this header; then the inner protocol (4: IPv4, 41: IPv6) and 16 bits of flags (0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GueHdr {
+    pub ver_c_hlen: u8,
+    pub proto: u8,
+    pub flags: u16,
+}
+
+pub const GUE_HLEN_MASK: u8 = 0x1f;
+
+/// ballast's GUE private data: the previous owners of the flow's table slot ("hops"),
+/// `hop_count` addresses of the outer family (4 or 16 bytes each) right after this header,
+/// `next_hop` the index of the one a backend that does not know the flow sends it to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HopsHdr {
+    /// [`HOPS_KIND`]: what sets this private data apart from anybody else's.
+    pub kind: u8,
+    pub next_hop: u8,
+    pub hop_count: u8,
+    pub reserved: u8,
+}
+
+/// `HopsHdr::kind` of ballast's second-chance private data.
+pub const HOPS_KIND: u8 = 0xb1;
+
+/// TCP flag bits (the 14th byte of the TCP header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+/// Offset of the flags byte in the TCP header.
+pub const TCP_FLAGS_OFFSET: usize = 13;
+
 /// The first four bytes of a TCP or UDP header: the ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -77,6 +127,8 @@ pub const ETH_HEADER_LEN: usize = core::mem::size_of::<EthHdr>();
 pub const VLAN_HEADER_LEN: usize = core::mem::size_of::<VlanHdr>();
 pub const IPV4_HEADER_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
 pub const IPV6_HEADER_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
+pub const GUE_HEADER_LEN: usize = core::mem::size_of::<GueHdr>();
+pub const HOPS_HEADER_LEN: usize = core::mem::size_of::<HopsHdr>();
 
 impl EthHdr {
     #[inline(always)]

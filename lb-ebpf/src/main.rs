@@ -1,5 +1,7 @@
 //! ballast's XDP program: parse, match the VIP, hash the flow, pick the backend from the
-//! Maglev table, encapsulate (IPIP / IP6IP6) and `XDP_TX`. Every packet is counted under one
+//! Maglev table, encapsulate (IPIP / IP6IP6) and `XDP_TX`. A TCP packet other than a SYN to a
+//! slot that changed owner in the generation's lineage goes in GUE instead, carrying the
+//! slot's previous owners for the backends' second chance. Every packet is counted under one
 //! `lb_common::maps::Reason`, whose `action()` is the documented verdict.
 #![no_std]
 #![no_main]
@@ -8,18 +10,18 @@ mod maps;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    encap::{ip6ip6_outer_header, ipip_outer_header},
+    encap::{gue_outer_v4, gue_outer_v6, ip6ip6_outer_header, ipip_outer_header},
     flow::{flow_hash_v4, flow_hash_v6, synthetic_source_v4, synthetic_source_v6},
-    maps::{Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6},
+    maps::{Lineage, Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6},
     wire::{
         is_ipv6_extension_header, l4_min_header_len, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_HEADER_LEN, IPV6_HEADER_LEN,
+        IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_ACK, TCP_FLAGS_OFFSET, TCP_SYN,
     },
 };
 
 use crate::maps::{
-    count, count_reason, find_vip, is_vip_address, pick_backend, BACKEND_COUNTERS, ETH_ADDRESSES, FLOW_KEYS, HAS_IPV4,
-    HAS_IPV6, MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
+    count, count_reason, find_vip, is_vip_address, pick_backend, Pick, BACKEND_COUNTERS, ETH_ADDRESSES, FLOW_KEYS,
+    HAS_IPV4, HAS_IPV6, MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
 };
 use lb_ebpf::{
     parse::{frame_len, has_bytes, parse_l2, read_at, L2},
@@ -102,10 +104,20 @@ fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
     let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
     let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
     let hash = flow_hash_v4(&FLOW_KEYS.load(), ip.saddr, ip.daddr, ports, ip.protocol);
-    forward(l2, &vip, hash, total_len, |backend| {
+    forward(l2, &vip, hash, total_len, |pick| {
         let fixed = OUTER_SOURCE_V4.load();
         let source = if fixed != 0 { fixed } else { synthetic_source_v4(hash) };
-        push_outer(ctx, l2, ETH_ADDRESSES.load(), &ipip_outer_header(&ip, source, backend[0]))
+        let owner = pick.backend.addr[0];
+        let Some(lineage) = second_chance(ctx, l2.header_len() + IPV4_HEADER_LEN, ip.protocol, pick) else {
+            return encapsulated(push_outer(ctx, l2, ETH_ADDRESSES.load(), &ipip_outer_header(&ip, source, owner)));
+        };
+        let gue = Gue { ctx, l2, hash, lineage, ip_len: total_len };
+        match lineage.hop_count {
+            1 => gue.v4::<1>(&ip, source, owner),
+            2 => gue.v4::<2>(&ip, source, owner),
+            3 => gue.v4::<3>(&ip, source, owner),
+            _ => gue.v4::<4>(&ip, source, owner),
+        }
     })
 }
 
@@ -135,10 +147,25 @@ fn process_ipv6(ctx: &XdpContext, l2: &L2) -> Reason {
     let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
     let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
     let hash = flow_hash_v6(&FLOW_KEYS.load(), &ip.saddr, &ip.daddr, ports, ip.next_header);
-    forward(l2, &vip, hash, total_len, |backend| {
+    forward(l2, &vip, hash, total_len, |pick| {
         let fixed = OUTER_SOURCE_V6.load();
         let source = if fixed != [0; 4] { fixed } else { synthetic_source_v6(hash) };
-        push_outer(ctx, l2, ETH_ADDRESSES.load(), &ip6ip6_outer_header(&ip, source, backend, hash))
+        let owner = pick.backend.addr;
+        let Some(lineage) = second_chance(ctx, l2.header_len() + IPV6_HEADER_LEN, ip.next_header, pick) else {
+            return encapsulated(push_outer(
+                ctx,
+                l2,
+                ETH_ADDRESSES.load(),
+                &ip6ip6_outer_header(&ip, source, owner, hash),
+            ));
+        };
+        let gue = Gue { ctx, l2, hash, lineage, ip_len: total_len };
+        match lineage.hop_count {
+            1 => gue.v6::<1>(&ip, source, owner),
+            2 => gue.v6::<2>(&ip, source, owner),
+            3 => gue.v6::<3>(&ip, source, owner),
+            _ => gue.v6::<4>(&ip, source, owner),
+        }
     })
 }
 
@@ -148,20 +175,86 @@ fn dport(ports: u32) -> u16 {
     (ports >> 16) as u16
 }
 
-/// Picks the backend, checks the MTU, encapsulates with `encapsulate` and counts.
-/// `ip_len` is the inner IP packet's length; the outer header of the same family adds as much
-/// as the inner IP header's fixed part.
+/// The lineage to carry in GUE, for a TCP packet other than a SYN to a slot that changed
+/// owner. A SYN starts a connection: the new owner takes it. UDP has no second chance.
+/// `l4` is recomputed by the callers from the link layer (no IPv4 options get this far):
+/// keeping the parser's offset alive until here costs the common path register spills.
 #[inline(always)]
-fn forward(l2: &L2, vip: &VipMeta, hash: u32, ip_len: usize, encapsulate: impl FnOnce([u32; 4]) -> bool) -> Reason {
-    let Some(backend) = pick_backend(vip, hash) else { return Reason::DropTableMiss };
+fn second_chance(ctx: &XdpContext, l4: usize, protocol: u8, pick: &Pick) -> Option<&'static Lineage> {
+    let lineage = pick.lineage?;
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    // The transport header is whole (transport_offset): its flags byte is there.
+    let flags = read_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET)?;
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return None;
+    }
+    Some(lineage)
+}
+
+/// A second-chance packet about to be encapsulated in GUE with its lineage's hops.
+struct Gue<'a> {
+    ctx: &'a XdpContext,
+    l2: &'a L2,
+    hash: u32,
+    lineage: &'static Lineage,
+    ip_len: usize,
+}
+
+impl Gue<'_> {
+    #[inline(always)]
+    fn v4<const N: usize>(&self, ip: &Ipv4Hdr, source: u32, owner: u32) -> Result<(), Reason> {
+        let hops = core::array::from_fn(|i| self.lineage.hops[i][0]);
+        self.push(&gue_outer_v4::<N>(ip, source, owner, self.hash, hops))
+    }
+
+    #[inline(always)]
+    fn v6<const N: usize>(&self, ip: &Ipv6Hdr, source: [u32; 4], owner: [u32; 4]) -> Result<(), Reason> {
+        let hops = core::array::from_fn(|i| self.lineage.hops[i]);
+        self.push(&gue_outer_v6::<N>(ip, source, owner, self.hash, hops))
+    }
+
+    /// The MTU check for this outer header (larger than IPIP's), then the push.
+    #[inline(always)]
+    fn push<T>(&self, outer: &T) -> Result<(), Reason> {
+        if self.ip_len + core::mem::size_of::<T>() > MTU.load() as usize {
+            return Err(Reason::DropTooBig);
+        }
+        encapsulated(push_outer(self.ctx, self.l2, ETH_ADDRESSES.load(), outer))
+    }
+}
+
+#[inline(always)]
+fn encapsulated(pushed: bool) -> Result<(), Reason> {
+    if pushed {
+        Ok(())
+    } else {
+        Err(Reason::DropEncapFailed)
+    }
+}
+
+/// Picks the backend, checks the MTU for the plain outer header, encapsulates with
+/// `encapsulate` (which checks its own, longer, header if it uses one) and counts.
+/// `ip_len` is the inner IP packet's length; the plain outer header of the same family adds
+/// as much as the inner IP header's fixed part.
+#[inline(always)]
+fn forward(
+    l2: &L2,
+    vip: &VipMeta,
+    hash: u32,
+    ip_len: usize,
+    encapsulate: impl FnOnce(&Pick) -> Result<(), Reason>,
+) -> Reason {
+    let Some(pick) = pick_backend(vip, hash) else { return Reason::DropTableMiss };
     let outer_len = if l2.ether_type == ETH_P_IP { IPV4_HEADER_LEN } else { IPV6_HEADER_LEN };
     if ip_len + outer_len > MTU.load() as usize {
         return Reason::DropTooBig;
     }
-    if !encapsulate(backend.addr) {
-        return Reason::DropEncapFailed;
+    if let Err(reason) = encapsulate(&pick) {
+        return reason;
     }
     count(&VIP_COUNTERS, vip.vip_index, ip_len as u64);
-    count(&BACKEND_COUNTERS, backend.counter_index, ip_len as u64);
+    count(&BACKEND_COUNTERS, pick.backend.counter_index, ip_len as u64);
     Reason::Forwarded
 }

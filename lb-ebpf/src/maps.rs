@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     flow::{FlowKeys, FLOW_WORDS},
     maps::{
-        maglev_position, Backend, Counter, MaglevChunk, VipKey, VipMeta, BACKEND_COUNTER_SLOTS, REASON_COUNT,
-        VIP_COUNTER_SLOTS,
+        maglev_position, Backend, Counter, Lineage, MaglevChunk, MaglevEntry, VipKey, VipMeta, BACKEND_COUNTER_SLOTS,
+        MAGLEV_LINEAGE_FLAG, REASON_COUNT, VIP_COUNTER_SLOTS,
     },
     vip_index::{self, VipSlot},
 };
@@ -21,6 +21,8 @@ pub static VIPS: Array<VipSlot> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 #[map]
 pub static MAGLEV: Array<MaglevChunk> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
+#[map]
+pub static LINEAGES: Array<Lineage> = Array::with_max_entries(1, BPF_F_RDONLY_PROG);
 
 // State: counters, sized to the limits so they can outlive a generation.
 #[map]
@@ -39,6 +41,8 @@ pub static HAS_IPV4: Global<u8> = Global::new(1);
 pub static HAS_IPV6: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]
 pub static HAS_ANY_PORT: Global<u8> = Global::new(1);
+#[unsafe(no_mangle)]
+pub static HAS_LINEAGE: Global<u8> = Global::new(1);
 #[unsafe(no_mangle)]
 pub static ETH_ADDRESSES: Global<[u32; 3]> = Global::new([0; 3]);
 #[unsafe(no_mangle)]
@@ -101,11 +105,31 @@ pub fn is_vip_address(key: &VipKey) -> bool {
     lookup_vip(&marker).is_some()
 }
 
-/// The backend a flow hash selects in a VIP's table.
+/// What a flow hash selects in a VIP's table: the slot's owner and, if the slot changed
+/// owner in the generation's lineage, its previous owners.
+pub struct Pick {
+    pub backend: Backend,
+    pub lineage: Option<&'static Lineage>,
+}
+
 #[inline(always)]
-pub fn pick_backend(meta: &VipMeta, hash: u32) -> Option<Backend> {
+pub fn pick_backend(meta: &VipMeta, hash: u32) -> Option<Pick> {
     let index = meta.table_offset + lb_common::flow::table_slot(hash, meta.table_size);
     let (chunk, lane) = maglev_position(index);
-    let backend_index = *MAGLEV.get(chunk)?.get(lane)?;
-    BACKENDS.get(u32::from(backend_index)).copied()
+    let entry = *MAGLEV.get(chunk)?.get(lane)?;
+    // Without a lineage the verifier prunes this branch whole, the entry's flag test with it:
+    // today's program, today's cost.
+    if HAS_LINEAGE.load() != 0 {
+        return pick_with_lineage(entry);
+    }
+    Some(Pick { backend: *BACKENDS.get(u32::from(entry))?, lineage: None })
+}
+
+#[inline(always)]
+fn pick_with_lineage(entry: MaglevEntry) -> Option<Pick> {
+    if entry & MAGLEV_LINEAGE_FLAG == 0 {
+        return Some(Pick { backend: *BACKENDS.get(u32::from(entry))?, lineage: None });
+    }
+    let lineage = LINEAGES.get(u32::from(entry & !MAGLEV_LINEAGE_FLAG))?;
+    Some(Pick { backend: *BACKENDS.get(lineage.owner)?, lineage: Some(lineage) })
 }

@@ -28,6 +28,14 @@ pub enum Command {
         /// Where to write the artifact (a regular file, not the config; created 0600).
         #[arg(short, long)]
         output: PathBuf,
+        /// Build it after this generation (the artifact that will run before it): with the
+        /// lineage that gives flows whose slot changes owner a second chance. Build once, ship
+        /// the same artifact to every load balancer that runs PREV.
+        #[arg(long, value_name = "PREV")]
+        after: Option<PathBuf>,
+        /// Predecessors the lineage remembers (1 to 4), with --after.
+        #[arg(long, default_value_t = crate::generation::lineage::DEFAULT_DEPTH, requires = "after")]
+        lineage_depth: usize,
         /// Print the digest and a summary as JSON.
         #[arg(long)]
         json: bool,
@@ -57,7 +65,12 @@ pub enum Command {
     /// adopted first).
     Swap {
         /// A generation artifact or a TOML config.
-        generation: PathBuf,
+        #[arg(required_unless_present = "settle")]
+        generation: Option<PathBuf>,
+        /// Swap in the settled form of what runs (same config, no lineage): flows whose slot
+        /// changed owner lose their second chance (README "Second chance").
+        #[arg(long, conflicts_with = "generation")]
+        settle: bool,
         #[command(flatten)]
         target: ReplaceArgs,
     },
@@ -122,7 +135,8 @@ pub enum Command {
     },
     /// Print a shell completion script: `ballast completions bash > /etc/bash_completion.d/ballast`.
     Completions { shell: clap_complete::Shell },
-    /// The backend side: strip ballast's IPIP / IP6IP6 header on a backend's interface.
+    /// The backend side: strip ballast's IPIP / IP6IP6 header on a backend's interface, and
+    /// give second-chance (GUE) packets their second chance.
     Decap {
         #[command(subcommand)]
         action: DecapAction,
@@ -206,6 +220,10 @@ pub struct ReplaceArgs {
     /// --source given too still fixes its family).
     #[arg(long)]
     pub synthetic_source: bool,
+    /// Predecessors the incoming generation remembers for the second chance (0 to 4; 0:
+    /// swap it in exactly as given). A generation built with --after keeps its own.
+    #[arg(long, default_value_t = crate::generation::lineage::DEFAULT_DEPTH)]
+    pub lineage_depth: usize,
     #[command(flatten)]
     pub allow: AllowArgs,
 }
@@ -234,6 +252,15 @@ pub enum DecapAction {
         target: IfaceArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the decapsulator's counters as Prometheus metrics at http://ADDR/metrics until
+    /// SIGTERM or SIGINT.
+    Metrics {
+        #[command(flatten)]
+        target: IfaceArgs,
+        /// Where to listen (in the interface's network namespace), e.g. 127.0.0.1:9465.
+        #[arg(long)]
+        listen: SocketAddr,
     },
 }
 

@@ -5,7 +5,13 @@ use serde::Serialize;
 
 use crate::{
     files,
-    generation::{artifact::Artifact, config::Config, describe, program, Generation},
+    generation::{
+        artifact::Artifact,
+        config::Config,
+        describe,
+        lineage::{LineageOptions, LineageSummary},
+        program, Generation,
+    },
     Error, Result,
 };
 
@@ -17,6 +23,9 @@ pub struct Built {
     pub bytes: usize,
     pub vips: usize,
     pub backends: usize,
+    /// With --after: the predecessors' digests, newest first, and the slots that changed
+    /// owner; None: a settled generation.
+    pub lineage: Option<LineageSummary>,
 }
 
 /// What `ballast check --json` prints.
@@ -36,7 +45,8 @@ pub struct CheckedVip {
     pub backends: usize,
 }
 
-pub fn build(config: &Path, output: &Path, json: bool) -> Result<()> {
+/// Builds `config` into `output`; with `after` = (PREV, depth), after the artifact PREV.
+pub fn build(config: &Path, output: &Path, after: Option<(&Path, usize)>, json: bool) -> Result<()> {
     // Judged before anything is built or written: the output must not be the input (through
     // a symlink or a hard link either), nor anything but a regular file.
     if files::same_file(config, output) {
@@ -46,7 +56,15 @@ pub fn build(config: &Path, output: &Path, json: bool) -> Result<()> {
         )));
     }
     files::write_target(output)?;
-    let artifact = Artifact::build(&Config::load(config)?, program::LOAD_BALANCER)?;
+    let config = Config::load(config)?;
+    let artifact = match after {
+        None => Artifact::build(&config, program::LOAD_BALANCER)?,
+        Some((previous, depth)) => {
+            let previous = Artifact::read(previous).map_err(|e| e.context("--after"))?;
+            let options = LineageOptions { depth, ..LineageOptions::default() };
+            Artifact::build_after(&config, program::LOAD_BALANCER, &previous, &options)?
+        }
+    };
     let bytes = artifact.to_bytes();
     artifact.write(output)?;
     let built = Built {
@@ -55,8 +73,12 @@ pub fn build(config: &Path, output: &Path, json: bool) -> Result<()> {
         bytes: bytes.len(),
         vips: artifact.generation.vip_count(),
         backends: artifact.generation.backends.len(),
+        lineage: LineageSummary::of(&artifact, artifact.generation.lineage.len()),
     };
-    super::print(&built, json, |built| format!("{}\n", built.digest))
+    super::print(&built, json, |built| {
+        let lineage = built.lineage.as_ref().map_or(String::new(), |l| format!("lineage: {}\n", l.render()));
+        format!("{}\n{lineage}", built.digest)
+    })
 }
 
 pub fn check(config: &Path, json: bool) -> Result<()> {

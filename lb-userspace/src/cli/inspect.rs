@@ -28,6 +28,9 @@ pub fn render(report: &Inspection) -> String {
         "generation {}\nhash seed  {:#x}\nprogram    {} bytes, {origin}\n",
         report.digest, report.hash_seed, report.program_bytes
     );
+    if let Some(lineage) = &report.lineage {
+        out.push_str(&format!("lineage    {}\n", lineage.render()));
+    }
     for vip in &report.vips {
         out.push_str(&format!("{}  table {}\n", vip.vip, vip.table_size));
         for b in &vip.backends {

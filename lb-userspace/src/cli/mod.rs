@@ -22,13 +22,17 @@ use crate::{error::Context as _, kernel::netns, state::StateDir, Result};
 pub fn run(cli: Cli) -> Result<()> {
     let state_dir = cli.state_dir.as_deref();
     match cli.command {
-        Command::Build { config, output, json } => build::build(&config, &output, json),
+        Command::Build { config, output, after, lineage_depth, json } => {
+            build::build(&config, &output, after.as_deref().map(|prev| (prev, lineage_depth)), json)
+        }
         Command::Check { config, json } => build::check(&config, json),
         Command::Completions { shell } => completions(shell),
         Command::Inspect { generation, json } => inspect::run(&generation, json),
         Command::Attach { target } => attach::attach(&open_state(state_dir)?, target),
         Command::Detach { target } => attach::detach(&open_state(state_dir)?, target),
-        Command::Swap { generation, target } => swap::swap(&open_state(state_dir)?, &generation, target),
+        Command::Swap { generation, settle: _, target } => {
+            swap::swap(&open_state(state_dir)?, generation.as_deref(), target)
+        }
         Command::Rollback { target, to } => swap::rollback(&open_state(state_dir)?, target, to.as_deref()),
         Command::Verify { target, json } => verify::run(&open_state(state_dir)?, target, json),
         Command::History { target, json } => history::run(&open_state(state_dir)?, target, json),

@@ -44,6 +44,9 @@ pub fn render(status: &Status) -> String {
         &mut out,
         format!("generation {}", status.generation.as_deref().unwrap_or("(no digest: loaded without an artifact)")),
     );
+    if let Some(lineage) = &status.lineage {
+        line(&mut out, format!("lineage   {}", lineage.render()));
+    }
     line(
         &mut out,
         format!(

@@ -3,7 +3,7 @@ use std::path::Path;
 
 use super::args::ReplaceArgs;
 use crate::{
-    generation::artifact::load_generation_file,
+    generation::{artifact::load_generation_file, lineage::LineageOptions},
     ops::{
         swap::{self, Swapped},
         Change, HostChange, SwapOptions, Target,
@@ -21,14 +21,21 @@ impl ReplaceArgs {
             sources: self.sources,
             synthetic_source: self.synthetic_source,
         };
-        Ok((self.target.enter()?, SwapOptions { host, allow }))
+        let lineage =
+            (self.lineage_depth > 0).then(|| LineageOptions { depth: self.lineage_depth, ..LineageOptions::default() });
+        Ok((self.target.enter()?, SwapOptions { host, allow, lineage }))
     }
 }
 
-pub fn swap(state: &StateDir, generation: &Path, target: ReplaceArgs) -> Result<()> {
-    let artifact = load_generation_file(generation)?;
+/// Swaps in `generation`, or with none (`--settle`) the settled form of what runs.
+pub fn swap(state: &StateDir, generation: Option<&Path>, target: ReplaceArgs) -> Result<()> {
+    let incoming = generation.map(load_generation_file).transpose()?;
     let (iface, options) = target.enter()?;
-    let swapped = swap::swap_with(state, &Target::new(&iface)?, &artifact, &Change::command("swap"), &options)?;
+    let target = Target::new(&iface)?;
+    let swapped = match incoming {
+        Some(artifact) => swap::swap_with(state, &target, &artifact, &Change::command("swap"), &options)?,
+        None => swap::settle(state, &target, &options)?,
+    };
     super::out(&render_swapped(&iface, &swapped))?;
     Ok(())
 }
@@ -50,6 +57,9 @@ pub fn render_swapped(iface: &str, swapped: &Swapped) -> String {
     }
     for change in &swapped.host_changes {
         out.push_str(&format!("host: {change}\n"));
+    }
+    if let Some(lineage) = &swapped.lineage {
+        out.push_str(&format!("lineage: {lineage}\n"));
     }
     out.push_str(&format!(
         "{iface}: {} -> {} (pre-flight {} packets ok)\n",

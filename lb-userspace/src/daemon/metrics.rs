@@ -74,7 +74,8 @@ impl BallastCollector {
     }
 }
 
-fn counter(
+/// A counter family `name` with one sample per label set.
+pub(crate) fn counter(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -169,6 +170,14 @@ impl Collector for BallastCollector {
                     &[(vec![("digest", digest.clone())], 1)],
                 )?;
             }
+            let hops = status.lineage.as_ref().map_or(0, |l| l.slots_with_hops as u64);
+            single(
+                &mut encoder,
+                "ballast_lineage_slots",
+                "Table slots of the running generation that carry hops for the second chance (0: settled)",
+                hops,
+                false,
+            )?;
         }
         let Ok(state) = self.state.lock() else { return Ok(()) };
         let healthy: Vec<(Labels, i64)> = state
@@ -238,13 +247,18 @@ const BACKLOG: u32 = 1024;
 /// Binds the metrics address: at start, before the kernel is touched, so a taken address stops
 /// the daemon at once. Needs the runtime (the listener registers with it).
 pub fn bind(address: SocketAddr) -> crate::Result<TcpListener> {
+    bind_for("--metrics", address)
+}
+
+/// [`bind`] for the command-line flag `flag` (named in the error).
+pub fn bind_for(flag: &str, address: SocketAddr) -> crate::Result<TcpListener> {
     let bound = (|| {
         let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.bind(address)?;
         socket.listen(BACKLOG)
     })();
-    bound.map_err(|e| crate::other!("--metrics {address}: cannot listen there: {e}"))
+    bound.map_err(|e| crate::other!("{flag} {address}: cannot listen there: {e}"))
 }
 
 /// The connections open, and those of them still waiting for their request (oldest first):
@@ -313,6 +327,12 @@ impl Drop for Admitted {
 pub async fn serve(listener: TcpListener, iface: String, state_dir: StateDir, state: SharedState) -> crate::Result<()> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(BallastCollector { iface, state_dir, state, served: Mutex::default() }));
+    serve_registry(listener, registry).await
+}
+
+/// Serves GET /metrics from `registry` on `listener`, within the bounds above, until the task
+/// is dropped: the daemon's endpoint and `ballast decap metrics`.
+pub async fn serve_registry(listener: TcpListener, registry: Registry) -> crate::Result<()> {
     let registry = Arc::new(registry);
     let scrapes = Arc::new(Scrapes::default());
     let connections = Arc::new(Mutex::new(Connections::default()));

@@ -22,6 +22,10 @@
 //!   running generation stays. Configs are read on a blocking thread with a deadline
 //!   ([`CONFIG_READ_TIMEOUT`]): a FIFO, a device or a hung file system cannot stop the event
 //!   loop, and signals are always handled.
+//! - Second chance: every swap the daemon makes builds the new generation after the one it
+//!   runs (`daemon.lineage_depth` predecessors), so flows whose slot changes owner keep their
+//!   backend; a backend its checks found dead is never a hop. `daemon.drain_period_s` after a
+//!   generation with lineage went in, its settled form takes over (README "Second chance").
 //! - On SIGTERM/SIGINT the generation stays attached (immutable infrastructure) unless
 //!   `--detach-on-exit`.
 pub mod health;
@@ -52,6 +56,7 @@ use crate::{
         config::{BackendConfig, Config},
         describe,
         digest::format_digest,
+        lineage::LineageOptions,
         program::LOAD_BALANCER,
     },
     kernel::{
@@ -351,6 +356,11 @@ struct Daemon {
     applied: BTreeMap<String, Vec<BackendConfig>>,
     /// The digest of the generation the daemon made run.
     running: String,
+    /// That generation, when the daemon built or adopted it: what the next one is built
+    /// after; and the digest of its settled form.
+    running_artifact: Option<(Artifact, [u8; 32])>,
+    /// When the running generation's lineage has drained: its settled form goes in then.
+    settle_due: Option<Instant>,
     /// The program id of the link last read in full and found running `running`.
     known_program: Option<u32>,
     drift: Option<Drift>,
@@ -415,6 +425,8 @@ impl Daemon {
             health: BTreeMap::new(),
             applied: BTreeMap::new(),
             running: String::new(),
+            running_artifact: None,
+            settle_due: None,
             known_program: None,
             drift: None,
             attempted: None,
@@ -428,7 +440,7 @@ impl Daemon {
         };
         daemon.seed_from_running();
         let (config, _) = daemon.desired();
-        let artifact = build(&config)?;
+        let artifact = daemon.next_artifact(&config)?;
         daemon.install(&artifact, &config, Change { action: "start", reason: None })?;
         Ok(Some(daemon))
     }
@@ -438,7 +450,9 @@ impl Daemon {
     fn seed_from_running(&mut self) {
         let iface = self.target.iface.clone();
         let serving = tokio::task::block_in_place(|| observe(&iface, None));
-        let Ok(Observed::Serving { .. }) = serving else { return };
+        let Ok(Observed::Serving { digest, .. }) = serving else { return };
+        // What runs is what the first generation is built after (or is, if nothing changed).
+        self.running_artifact = digest.and_then(|d| self.state.artifact(&d).ok()).and_then(|a| with_settled(a).ok());
         let Ok(running) = tokio::task::block_in_place(|| status::status(&self.state, &iface)) else { return };
         let served: BTreeMap<String, BTreeSet<IpAddr>> = running
             .vips
@@ -495,6 +509,9 @@ impl Daemon {
                     _ => info!("{iface}: attached {digest} ({})", change.reason.as_deref().unwrap_or(change.action)),
                 }
                 self.running = digest;
+                let drain = Duration::from_secs(self.config.daemon.drain_period_s);
+                self.settle_due = artifact.lineage.is_some().then(|| Instant::now() + drain);
+                self.running_artifact = with_settled(artifact.clone()).ok();
                 self.applied = applied;
                 self.known_program = None;
                 self.attempted = None;
@@ -513,6 +530,38 @@ impl Daemon {
     fn count_swap(&self, cause: &'static str) {
         if let Ok(mut shared) = self.shared.lock() {
             *shared.swaps.entry(cause).or_default() += 1;
+        }
+    }
+
+    /// The generation of `config` to run next: what runs if that is `config`'s (settled or
+    /// not), else `config` built after what runs, with the backends found dead as no hops.
+    fn next_artifact(&self, config: &Config) -> crate::Result<Artifact> {
+        let plain = build(config)?;
+        let Some((running, settled)) = &self.running_artifact else { return Ok(plain) };
+        if *settled == plain.digest {
+            return Ok(running.clone());
+        }
+        let depth = self.config.daemon.lineage_depth as usize;
+        if depth == 0 {
+            return Ok(plain);
+        }
+        let dead = self.health.iter().filter(|(_, h)| !h.healthy).map(|(id, _)| (id.vip.clone(), id.backend)).collect();
+        let options = LineageOptions { depth, dead };
+        tokio::task::block_in_place(|| plain.after(running, &options))
+    }
+
+    /// The drain period of the running generation's lineage is over: its settled form goes in.
+    fn settle(&mut self) {
+        self.settle_due = None;
+        let Some((running, _)) = self.running_artifact.clone() else { return };
+        let (config, _) = self.desired();
+        let reason = format!("the drain period ({} s) of its lineage is over", self.config.daemon.drain_period_s);
+        let result = running
+            .settled()
+            .and_then(|settled| self.install(&settled, &config, Change { action: "settle", reason: Some(reason) }));
+        if let Err(err) = result {
+            error!("settle: the running generation stays, trying again in {TICK:?}: {err:#}");
+            self.settle_due = Some(Instant::now() + TICK);
         }
     }
 
@@ -621,7 +670,7 @@ impl Daemon {
                 self.config.daemon.min_healthy * 100.0
             );
         }
-        let result = build(&config).and_then(|artifact| {
+        let result = self.next_artifact(&config).and_then(|artifact| {
             if artifact.digest_string() == self.running {
                 return Ok(());
             }
@@ -788,7 +837,8 @@ impl Daemon {
     fn restore(&mut self) {
         let Some(what) = self.drift.as_ref().map(|d| d.what.clone()) else { return };
         let (config, _) = self.desired();
-        let result = build(&config)
+        let result = self
+            .next_artifact(&config)
             .and_then(|artifact| self.install(&artifact, &config, Change { action: "restore", reason: Some(what) }));
         match result {
             Ok(()) => {}
@@ -827,7 +877,9 @@ impl Daemon {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let signal = loop {
             let due = self.health_swap_due();
+            let settle_due = self.settle_due.map(tokio::time::Instant::from_std);
             tokio::select! {
+                _ = sleep_until(settle_due) => self.settle(),
                 Some(report) = self.reports.1.recv() => self.on_report(report),
                 _ = signals.hangup.recv() => {
                     self.reader.start("SIGHUP", true, self.config_stamp);
@@ -877,6 +929,12 @@ impl Daemon {
 /// tasks (health checks, metrics) moved elsewhere meanwhile.
 fn build(config: &Config) -> crate::Result<Artifact> {
     tokio::task::block_in_place(|| Artifact::build(config, LOAD_BALANCER))
+}
+
+/// An artifact with the digest of its settled form.
+fn with_settled(artifact: Artifact) -> crate::Result<(Artifact, [u8; 32])> {
+    let settled = if artifact.lineage.is_some() { artifact.settled()?.digest } else { artifact.digest };
+    Ok((artifact, settled))
 }
 
 async fn sleep_until(due: Option<tokio::time::Instant>) {

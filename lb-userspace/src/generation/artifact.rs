@@ -2,9 +2,12 @@
 //! content-addressed.
 //!
 //! File layout (little-endian): magic "BALLAST\0", format version (u32), the canonical config
-//! (u64 length + JSON), the BPF object (u64 length + ELF), then the 32-byte SHA-256 digest.
+//! (u64 length + JSON), the BPF object (u64 length + ELF), for format 2 only the lineage
+//! record (u64 length + JSON, `lineage::LineageRecord`), then the 32-byte SHA-256 digest. A
+//! generation without lineage is written as format 1, byte for byte as before lineages.
 //! The digest covers the format version, the canonical config, the tables the config builds
-//! (the VIPS index slots, BACKENDS, MAGLEV, exactly as loaded into the kernel) and the program's bytes. The
+//! (the VIPS index slots, BACKENDS, MAGLEV, exactly as loaded into the kernel), the program's
+//! bytes and, with a lineage, its record and every slot's lineage (LINEAGES). The
 //! tables are not stored: reading an artifact rebuilds them and recomputes the digest, so a
 //! flipped byte anywhere, or a table builder that changed, is a digest mismatch. Host
 //! parameters (interface, MACs, outer source) are not part of it: one artifact serves a fleet.
@@ -13,6 +16,7 @@ use std::path::Path;
 use super::{
     config::Config,
     digest::{format_digest, generation_digest, DIGEST_LEN},
+    lineage::{self, LineageOptions, LineageRecord},
     program::LOAD_BALANCER,
     Generation,
 };
@@ -24,6 +28,8 @@ use crate::{
 
 pub const MAGIC: &[u8; 8] = b"BALLAST\0";
 pub const FORMAT_VERSION: u32 = 1;
+/// The format of an artifact with a lineage record.
+pub const LINEAGE_FORMAT_VERSION: u32 = 2;
 /// The largest artifact (or generation file) read: 64 MiB. The largest generation's artifact
 /// (its canonical config and the program) takes a few MiB.
 pub const MAX_ARTIFACT_BYTES: u64 = 64 << 20;
@@ -34,13 +40,55 @@ pub struct Artifact {
     /// The BPF object (ELF) this generation runs.
     pub program: Vec<u8>,
     pub digest: [u8; DIGEST_LEN],
+    /// What it remembers of its predecessors; None: a settled (plain) generation.
+    pub lineage: Option<LineageRecord>,
 }
 
 impl Artifact {
     pub fn build(config: &Config, program: &[u8]) -> crate::Result<Artifact> {
-        let generation = Generation::build(config)?;
-        let digest = generation_digest(&generation, program);
-        Ok(Artifact { generation, program: program.to_vec(), digest })
+        Self::assemble(Generation::build(config)?, program, None)
+    }
+
+    /// The generation of `config` built after `previous` (what runs, or what will run before
+    /// it): with a lineage, or plain when no slot changes owner.
+    pub fn build_after(
+        config: &Config,
+        program: &[u8],
+        previous: &Artifact,
+        options: &LineageOptions,
+    ) -> crate::Result<Artifact> {
+        Self::build(config, program)?.after(previous, options)
+    }
+
+    /// This artifact's settled generation built after `previous`.
+    pub fn after(&self, previous: &Artifact, options: &LineageOptions) -> crate::Result<Artifact> {
+        let record = lineage::derive(
+            &self.generation,
+            &previous.generation,
+            &previous.digest_string(),
+            previous.lineage.as_ref(),
+            options,
+        )?;
+        let mut generation = self.generation.clone();
+        generation.lineage.clear();
+        Self::assemble(generation, &self.program, record)
+    }
+
+    /// The same config and program without lineage: what takes over after the drain period.
+    pub fn settled(&self) -> crate::Result<Artifact> {
+        let mut generation = self.generation.clone();
+        generation.lineage.clear();
+        Self::assemble(generation, &self.program, None)
+    }
+
+    fn assemble(mut generation: Generation, program: &[u8], lineage: Option<LineageRecord>) -> crate::Result<Artifact> {
+        generation.lineage = match &lineage {
+            Some(record) => lineage::slot_lineages(&generation, record)?,
+            None => Default::default(),
+        };
+        let record_json = lineage.as_ref().map(LineageRecord::to_canonical_json);
+        let digest = generation_digest(&generation, program, record_json.as_deref());
+        Ok(Artifact { generation, program: program.to_vec(), digest, lineage })
     }
 
     pub fn digest_string(&self) -> String {
@@ -49,10 +97,14 @@ impl Artifact {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let config = self.generation.config.to_canonical_json();
+        let record = self.lineage.as_ref().map(LineageRecord::to_canonical_json);
         let mut out = Vec::with_capacity(64 + config.len() + self.program.len());
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        for section in [config.as_bytes(), &self.program] {
+        let version = if record.is_some() { LINEAGE_FORMAT_VERSION } else { FORMAT_VERSION };
+        out.extend_from_slice(&version.to_le_bytes());
+        let mut sections = vec![config.as_bytes(), &self.program];
+        sections.extend(record.as_deref().map(str::as_bytes));
+        for section in sections {
             out.extend_from_slice(&(section.len() as u64).to_le_bytes());
             out.extend_from_slice(section);
         }
@@ -69,13 +121,15 @@ impl Artifact {
             ));
         }
         let version = u32::from_le_bytes(reader.array()?);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != LINEAGE_FORMAT_VERSION {
             return Err(Error::ArtifactUnreadable(format!(
-                "artifact format version {version}; this ballast reads version {FORMAT_VERSION}"
+                "artifact format version {version}; this ballast reads versions {FORMAT_VERSION} and \
+                 {LINEAGE_FORMAT_VERSION}"
             )));
         }
         let config_bytes = reader.section("config")?;
         let program = reader.section("program")?.to_vec();
+        let record_bytes = if version == LINEAGE_FORMAT_VERSION { Some(reader.section("lineage")?) } else { None };
         let recorded: [u8; DIGEST_LEN] = reader.array().context("artifact digest")?;
         if reader.at != bytes.len() {
             return Err(Error::ArtifactUnreadable(format!(
@@ -95,10 +149,21 @@ impl Artifact {
                 Err("not in canonical form".to_owned())
             }
         });
-        let rebuilt = config.as_ref().ok().and_then(|c| Generation::build(c).ok());
-        let computed = rebuilt.as_ref().map(|g| generation_digest(g, &program));
+        // The lineage record, likewise only in its canonical rendering.
+        let record: Option<Option<LineageRecord>> = match record_bytes {
+            None => Some(None),
+            Some(bytes) => std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|json| LineageRecord::from_json(json).ok().filter(|r| r.to_canonical_json() == json))
+                .map(Some),
+        };
+        let rebuilt = config.as_ref().ok().and_then(|c| {
+            let record = record.clone()?;
+            Self::assemble(Generation::build(c).ok()?, &program, record).ok()
+        });
+        let computed = rebuilt.as_ref().map(|a| a.digest);
         match (rebuilt, computed) {
-            (Some(generation), Some(digest)) if digest == recorded => Ok(Artifact { generation, program, digest }),
+            (Some(artifact), Some(digest)) if digest == recorded => Ok(artifact),
             (_, Some(digest)) => Err(Error::DigestMismatch(format!(
                 "the artifact records {} but its content hashes to {}; it is corrupt or was altered",
                 format_digest(&recorded),
@@ -212,9 +277,41 @@ mod tests {
         assert_ne!(Artifact::build(&config, b"q").unwrap().digest, base, "program");
     }
 
+    /// A small config built after itself with a backend fewer: a format 2 artifact, small
+    /// enough for every byte of it to be flipped.
+    fn with_lineage() -> Artifact {
+        let backends = ["10.1.0.1", "10.1.0.2", "10.1.0.3"].map(|a| format!("{{ address = \"{a}\" }}")).join(", ");
+        let config = Config::from_toml_str(&format!(
+            "hash_seed = 1\n[[vip]]\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 307\nbackends = [{backends}]\n"
+        ))
+        .unwrap();
+        let mut fewer = config.clone();
+        fewer.vips[0].backends.pop();
+        let previous = Artifact::build(&fewer, b"program bytes").unwrap();
+        let artifact = Artifact::build_after(&config, b"program bytes", &previous, &LineageOptions::default()).unwrap();
+        assert!(artifact.lineage.is_some());
+        artifact
+    }
+
+    #[test]
+    fn a_lineage_artifact_round_trips_as_format_2() {
+        let artifact = with_lineage();
+        let bytes = artifact.to_bytes();
+        assert_eq!(&bytes[8..12], &LINEAGE_FORMAT_VERSION.to_le_bytes());
+        assert_eq!(&example().to_bytes()[8..12], &FORMAT_VERSION.to_le_bytes(), "plain stays format 1");
+        let back = Artifact::from_bytes(&bytes).unwrap();
+        assert_eq!((back.digest, &back.lineage), (artifact.digest, &artifact.lineage));
+        assert_eq!(back.generation.lineage, artifact.generation.lineage);
+    }
+
     #[test]
     fn every_flipped_byte_is_refused() {
-        let bytes = example().to_bytes();
+        every_flipped_byte_of_is_refused(&example());
+        every_flipped_byte_of_is_refused(&with_lineage());
+    }
+
+    fn every_flipped_byte_of_is_refused(artifact: &Artifact) {
+        let bytes = artifact.to_bytes();
         for (i, flip) in (0..bytes.len()).flat_map(|i| [(i, 0x01u8), (i, 0xff)]) {
             let mut bad = bytes.clone();
             bad[i] ^= flip;

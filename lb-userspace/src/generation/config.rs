@@ -151,6 +151,10 @@ pub struct DaemonSettings {
     pub min_healthy: f64,
     /// Health-driven swaps happen at most this often; changes in between wait for the next.
     pub min_swap_interval_ms: u64,
+    /// Predecessors a swapped-in generation remembers for the second chance (0: none).
+    pub lineage_depth: u64,
+    /// A generation with lineage serves this long, then the settled one takes over.
+    pub drain_period_s: u64,
 }
 
 // min_healthy is validated finite (0.0 to 1.0), so equality is an equivalence.
@@ -158,7 +162,12 @@ impl Eq for DaemonSettings {}
 
 impl Default for DaemonSettings {
     fn default() -> Self {
-        DaemonSettings { min_healthy: 0.5, min_swap_interval_ms: 5_000 }
+        DaemonSettings {
+            min_healthy: 0.5,
+            min_swap_interval_ms: 5_000,
+            lineage_depth: super::lineage::DEFAULT_DEPTH as u64,
+            drain_period_s: super::lineage::DEFAULT_DRAIN_PERIOD_SECS,
+        }
     }
 }
 
@@ -179,6 +188,8 @@ struct RawConfig {
 struct RawDaemon {
     min_healthy: Option<f64>,
     min_swap_interval_ms: Option<i64>,
+    lineage_depth: Option<i64>,
+    drain_period_s: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -342,7 +353,12 @@ const CONFIG_SHAPE: Shape = Shape::Table(
             "daemon",
             Shape::Table(
                 "a [daemon] table",
-                &[("min_healthy", Shape::Number), ("min_swap_interval_ms", Shape::Integer)],
+                &[
+                    ("min_healthy", Shape::Number),
+                    ("min_swap_interval_ms", Shape::Integer),
+                    ("lineage_depth", Shape::Integer),
+                    ("drain_period_s", Shape::Integer),
+                ],
             ),
         ),
     ],
@@ -547,7 +563,10 @@ fn validate_daemon(raw: Option<RawDaemon>) -> Result<DaemonSettings, ConfigError
     }
     let min_swap_interval_ms =
         in_range("daemon.min_swap_interval_ms", raw.min_swap_interval_ms, defaults.min_swap_interval_ms, 0, 3_600_000)?;
-    Ok(DaemonSettings { min_healthy, min_swap_interval_ms })
+    let max_depth = super::lineage::MAX_DEPTH as u64;
+    let lineage_depth = in_range("daemon.lineage_depth", raw.lineage_depth, defaults.lineage_depth, 0, max_depth)?;
+    let drain_period_s = in_range("daemon.drain_period_s", raw.drain_period_s, defaults.drain_period_s, 1, 604_800)?;
+    Ok(DaemonSettings { min_healthy, min_swap_interval_ms, lineage_depth, drain_period_s })
 }
 
 /// An optional integer field within `min..=max`, or `default` when absent.

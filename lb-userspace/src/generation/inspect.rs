@@ -3,7 +3,7 @@ use serde::Serialize;
 
 use sha2::{Digest as _, Sha256};
 
-use super::{artifact::Artifact, describe, digest::hex, program::LOAD_BALANCER};
+use super::{artifact::Artifact, describe, digest::hex, lineage::LineageSummary, program::LOAD_BALANCER};
 
 #[derive(Serialize)]
 pub struct Inspection {
@@ -15,6 +15,8 @@ pub struct Inspection {
     /// Whether the program is the one this ballast carries; attach, swap and rollback refuse
     /// any other without `--allow-foreign-program`.
     pub program_is_embedded: bool,
+    /// What it remembers of its predecessors; None: a settled generation.
+    pub lineage: Option<LineageSummary>,
     pub vips: Vec<VipReport>,
 }
 
@@ -69,6 +71,7 @@ pub fn inspect(artifact: &Artifact) -> Inspection {
         program_bytes: artifact.program.len(),
         program_sha256: hex(&Sha256::digest(&artifact.program)),
         program_is_embedded: artifact.program == LOAD_BALANCER,
+        lineage: LineageSummary::of(artifact, generation.lineage.len()),
         vips,
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod counter_slots;
 pub mod digest;
 pub mod inspect;
+pub mod lineage;
 pub mod program;
 
 use std::collections::BTreeMap;
@@ -17,7 +18,7 @@ use std::net::IpAddr;
 
 use lb_common::{
     maglev::{try_build_table, MaglevBackend, TableError, MAX_STEPS_PER_ENTRY},
-    maps::{Backend, VipKey, VipMeta, VIP_FLAG_ADDRESS_ONLY},
+    maps::{Backend, Lineage, VipKey, VipMeta, VIP_FLAG_ADDRESS_ONLY},
     model::{self, Flow, GenerationView},
     vip_index::{self, VipIndex},
 };
@@ -36,8 +37,13 @@ pub struct Generation {
     pub vip_index: VipIndex,
     /// The BACKENDS array.
     pub backends: Vec<Backend>,
-    /// The MAGLEV array: all VIPs' tables, back to back.
+    /// The MAGLEV array: all VIPs' tables, back to back: each slot's owner (a BACKENDS index).
     pub maglev: Vec<u32>,
+    /// The slots that changed owner in the generation's lineage (by index into `maglev`): their
+    /// owner (the same as `maglev`'s) and previous owners. Empty for a generation without
+    /// predecessors. The loader stores the distinct entries in LINEAGES and flags the slots'
+    /// MAGLEV entries with MAGLEV_LINEAGE_FLAG.
+    pub lineage: BTreeMap<u32, Lineage>,
     pub has_ipv4: bool,
     pub has_ipv6: bool,
     pub has_any_port: bool,
@@ -115,13 +121,14 @@ impl Generation {
             vip_entries,
             backends,
             maglev,
+            lineage: BTreeMap::new(),
             config,
         })
     }
 
     /// The generation as the reference model (`lb_common::model`) sees it.
     pub fn view(&self) -> GenerationView<'_> {
-        GenerationView::new(self.hash_seed, &self.vip_entries, &self.backends, &self.maglev)
+        GenerationView::new(self.hash_seed, &self.vip_entries, &self.backends, &self.maglev).with_lineage(&self.lineage)
     }
 
     /// The VIP a packet to (dst, port, protocol) belongs to, as the XDP program decides it.

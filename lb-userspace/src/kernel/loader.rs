@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::maps::{
     globals, MaglevChunk, MaglevEntry, CONFIG_MAPS, COUNTER_MAPS, GENERATION_ID_LEN, GENERATION_ID_MAGIC,
-    MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS,
+    MAGLEV_CHUNK_LEN, MAGLEV_LINEAGE_FLAG, MAP_BACKENDS, MAP_LINEAGES, MAP_MAGLEV, MAP_VIPS, MAX_LINEAGES,
 };
 
 use super::{counters::CounterSnapshot, sys};
@@ -94,7 +94,8 @@ impl LoadedGeneration {
         generation_id[GENERATION_ID_MAGIC.len()..].copy_from_slice(digest);
         let source_v4 = host.source_v4.map(|a| u32::from_ne_bytes(a.octets())).unwrap_or(0);
         let source_v6: [u32; 4] = host.source_v6.map(|a| addr_words(a.into())).unwrap_or([0; 4]);
-        let chunks = maglev_chunks(&generation.maglev)?;
+        let (entries_with_lineage, lineages) = lineage_entries(generation)?;
+        let chunks = maglev_chunks(&entries_with_lineage)?;
         let vip_index_mask = generation.vip_index.mask();
         let eth_addresses = lb_common::maps::eth_address_words(host.gateway_mac, host.iface_mac);
         let flow_keys = lb_common::flow::flow_keys(generation.hash_seed);
@@ -104,6 +105,7 @@ impl LoadedGeneration {
             .override_global(globals::HAS_IPV4, &constants.has_ipv4, true)
             .override_global(globals::HAS_IPV6, &constants.has_ipv6, true)
             .override_global(globals::HAS_ANY_PORT, &constants.has_any_port, true)
+            .override_global(globals::HAS_LINEAGE, &constants.has_lineage, true)
             .override_global(globals::ETH_ADDRESSES, &eth_addresses, true)
             .override_global(globals::OUTER_SOURCE_V4, &source_v4, true)
             .override_global(globals::OUTER_SOURCE_V6, &source_v6, true)
@@ -113,7 +115,8 @@ impl LoadedGeneration {
             .override_global(globals::VIP_INDEX_MASK, &vip_index_mask, true)
             .map_max_entries(MAP_VIPS, entries(generation.vip_index.slots.len())?)
             .map_max_entries(MAP_BACKENDS, entries(generation.backends.len())?)
-            .map_max_entries(MAP_MAGLEV, entries(chunks.len())?);
+            .map_max_entries(MAP_MAGLEV, entries(chunks.len())?)
+            .map_max_entries(MAP_LINEAGES, entries(lineages.len())?);
         if let Some(dir) = counter_pins {
             for name in COUNTER_MAPS {
                 loader.map_pin_path(name, dir.join(name));
@@ -124,6 +127,7 @@ impl LoadedGeneration {
         fill(&ebpf, MAP_VIPS, &indices(generation.vip_index.slots.len())?, &generation.vip_index.slots)?;
         fill(&ebpf, MAP_BACKENDS, &indices(generation.backends.len())?, &generation.backends)?;
         fill(&ebpf, MAP_MAGLEV, &indices(chunks.len())?, &chunks)?;
+        fill(&ebpf, MAP_LINEAGES, &indices(lineages.len())?, &lineages)?;
 
         let program = xdp_mut(&mut ebpf)?;
         program.load().context("loading the XDP program (verifier)")?;
@@ -199,6 +203,7 @@ pub struct Constants {
     pub has_ipv4: u8,
     pub has_ipv6: u8,
     pub has_any_port: u8,
+    pub has_lineage: u8,
 }
 
 impl Constants {
@@ -207,11 +212,37 @@ impl Constants {
             has_ipv4: generation.has_ipv4.into(),
             has_ipv6: generation.has_ipv6.into(),
             has_any_port: generation.has_any_port.into(),
+            has_lineage: (!generation.lineage.is_empty()).into(),
         }
     }
 
     /// Every path kept: what the verifier sees without per-generation constants.
-    pub const ALL_PATHS: Constants = Constants { has_ipv4: 1, has_ipv6: 1, has_any_port: 1 };
+    pub const ALL_PATHS: Constants = Constants { has_ipv4: 1, has_ipv6: 1, has_any_port: 1, has_lineage: 1 };
+}
+
+/// The MAGLEV entries as loaded, and the LINEAGES array: each distinct lineage once (sorted,
+/// so one generation has one layout), and the entries of slots with a lineage replaced by
+/// MAGLEV_LINEAGE_FLAG | its index.
+pub fn lineage_entries(generation: &Generation) -> crate::Result<(Vec<u32>, Vec<lb_common::maps::Lineage>)> {
+    let distinct: std::collections::BTreeSet<_> = generation.lineage.values().copied().collect();
+    if distinct.len() > MAX_LINEAGES as usize {
+        return Err(crate::Error::Config(crate::error::ConfigError::new(
+            "",
+            format!(
+                "the generation's lineage has {} distinct (owner, previous owners) combinations; the table entry \
+                 format holds {MAX_LINEAGES}: lower --lineage-depth or settle first",
+                distinct.len()
+            ),
+        )));
+    }
+    let lineages: Vec<_> = distinct.into_iter().collect();
+    let mut entries = generation.maglev.clone();
+    for (&slot, lineage) in &generation.lineage {
+        let index = lineages.binary_search(lineage).map_err(|_| other!("internal: a lineage went missing"))?;
+        let entry = entries.get_mut(slot as usize).ok_or_else(|| other!("lineage for slot {slot} past the tables"))?;
+        *entry = u32::from(MAGLEV_LINEAGE_FLAG) | index as u32;
+    }
+    Ok((entries, lineages))
 }
 
 /// The MAGLEV array's values: the generation's entries (indices into BACKENDS, below

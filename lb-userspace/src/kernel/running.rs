@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use aya::maps::{Array, Map, MapData, MapInfo};
 use lb_common::maps::{
-    globals, Backend, MaglevChunk, VipKey, VipMeta, CONFIG_MAPS, FAMILY_IPV4, GENERATION_ID_LEN, GENERATION_ID_MAGIC,
-    MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS, VIP_FLAG_ADDRESS_ONLY,
+    globals, Backend, Lineage, MaglevChunk, MaglevEntry, VipKey, VipMeta, CONFIG_MAPS, FAMILY_IPV4, GENERATION_ID_LEN,
+    GENERATION_ID_MAGIC, MAGLEV_LINEAGE_FLAG, MAP_BACKENDS, MAP_LINEAGES, MAP_MAGLEV, MAP_VIPS, VIP_FLAG_ADDRESS_ONLY,
 };
 use lb_common::vip_index::VipSlot;
 use serde::Serialize;
@@ -149,8 +149,11 @@ pub struct KernelTables {
     /// Its occupied slots, sorted by key.
     pub vip_entries: Vec<(VipKey, VipMeta)>,
     pub backends: Vec<Backend>,
-    /// Flattened, without the padding of the last chunk.
+    /// Flattened, without the padding of the last chunk: each slot's owner (lineage entries
+    /// resolved through LINEAGES).
     pub maglev: Vec<u32>,
+    /// The slots whose entry names a lineage, as `Generation::lineage`.
+    pub lineage: BTreeMap<u32, Lineage>,
 }
 
 /// The digest after GENERATION_ID_MAGIC in a program's .rodata, if there is one.
@@ -323,7 +326,25 @@ impl Running {
         let mut maglev: Vec<u32> = chunks.concat().into_iter().map(u32::from).collect();
         let entries: u64 = vip_entries.iter().map(|(_, m)| m.table_size as u64).sum();
         maglev.truncate(entries as usize);
-        Ok(KernelTables { vip_slots, vip_entries, backends, maglev })
+        // A program of a ballast before lineages has no LINEAGES map, and no flagged entry.
+        let lineages: Vec<Lineage> = match self.map(MAP_LINEAGES) {
+            Ok(map) => Array::<_, Lineage>::try_from(&map)?.iter().collect::<Result<_, _>>()?,
+            Err(_) => Vec::new(),
+        };
+        let mut lineage = BTreeMap::new();
+        for (slot, entry) in maglev.iter_mut().enumerate() {
+            let Ok(narrow) = MaglevEntry::try_from(*entry) else { continue };
+            if narrow & MAGLEV_LINEAGE_FLAG == 0 {
+                continue;
+            }
+            let index = usize::from(narrow & !MAGLEV_LINEAGE_FLAG);
+            let found = *lineages
+                .get(index)
+                .ok_or_else(|| other!("MAGLEV slot {slot} names lineage {index}; LINEAGES has {}", lineages.len()))?;
+            *entry = found.owner;
+            lineage.insert(slot as u32, found);
+        }
+        Ok(KernelTables { vip_slots, vip_entries, backends, maglev, lineage })
     }
 }
 
@@ -472,6 +493,7 @@ mod tests {
             vip_entries,
             backends: placed.backends.clone(),
             maglev: placed.maglev.clone(),
+            lineage: placed.lineage.clone(),
         };
         let slots = counter_slots_of(&tables);
         assert_eq!(slots.vips, assignment.slots.vips);

@@ -25,7 +25,7 @@ use crate::{
         running::{counter_slots_of, Running},
         sys,
     },
-    state::{HostRecord, IfaceRecord, StateDir, ROLLBACK_DEPTH},
+    state::{HostRecord, IfaceRecord, RecordedLineage, StateDir, ROLLBACK_DEPTH},
 };
 
 pub struct AttachRequest {
@@ -194,6 +194,7 @@ pub fn attach_artifact_with(
         pending_counter_slots: Some(assignment.slots.clone()),
         counter_discount,
         pending_host: None,
+        lineage: RecordedLineage::of(artifact),
     };
     state.store(artifact)?;
     state.write_record(&target.key, &record)?;

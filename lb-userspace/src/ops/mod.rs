@@ -46,6 +46,9 @@ pub struct HostChange {
 pub struct SwapOptions {
     pub host: HostChange,
     pub allow: Allow,
+    /// Build the incoming generation after the one that runs, with these options, unless it
+    /// carries a lineage of its own. None: swap it in exactly as given.
+    pub lineage: Option<crate::generation::lineage::LineageOptions>,
 }
 
 /// Refuses a generation whose program is not the one this binary carries, unless allowed.

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::{
     error::Context as _,
-    generation::{address::words_addr, digest::format_digest},
+    generation::{address::words_addr, digest::format_digest, lineage::LineageSummary},
     kernel::{
         counters::CounterSnapshot,
         running::{LinkState, MapStatus, ProgramStatus, Running},
@@ -35,6 +35,10 @@ pub struct Status {
     pub generation: Option<String>,
     pub program: ProgramStatus,
     pub maps: Vec<MapStatus>,
+    /// The running generation's lineage: its record from the stored artifact, the count of
+    /// slots with hops from the kernel's tables. None: it runs settled (or its artifact is
+    /// not kept).
+    pub lineage: Option<LineageSummary>,
     pub vips: Vec<VipStatus>,
     pub backends: usize,
     pub reasons: BTreeMap<&'static str, u64>,
@@ -62,12 +66,8 @@ pub struct BackendStatus {
 /// record in `state`; a missing or unreadable record discounts nothing).
 pub fn status(state: &StateDir, iface: &str) -> crate::Result<Status> {
     let running = Running::read(iface)?;
-    let discount = state
-        .record(&crate::kernel::pins::iface_key(iface)?)
-        .ok()
-        .flatten()
-        .map(|r| r.counter_discount)
-        .unwrap_or_default();
+    let record = state.record(&crate::kernel::pins::iface_key(iface)?).ok().flatten();
+    let discount = record.as_ref().map(|r| r.counter_discount.clone()).unwrap_or_default();
     let dir = running.pin_dir.clone();
     let pinned: BTreeMap<&str, Map> = lb_common::maps::COUNTER_MAPS
         .iter()
@@ -87,7 +87,18 @@ pub fn status(state: &StateDir, iface: &str) -> crate::Result<Status> {
         .map(|(key, meta)| vip_status(key, meta, &tables.backends, &tables.maglev, &counters))
         .collect();
     vips.sort_by(|a, b| a.vip.cmp(&b.vip));
+    // The record's account of the lineage if it is of what runs, else (a swap between its
+    // switch and its record, an adopted generation) the stored artifact's; the slots with hops
+    // as the kernel's tables have them.
+    let running_digest = running.digest.as_ref().map(format_digest);
+    let recorded = record.and_then(|r| r.lineage).filter(|l| Some(&l.digest) == running_digest.as_ref());
+    let lineage = match recorded {
+        Some(recorded) => Some(recorded.summary),
+        None => running_digest.and_then(|d| state.artifact(&d).ok()).and_then(|a| LineageSummary::of(&a, 0)),
+    }
+    .map(|summary| LineageSummary { slots_with_hops: tables.lineage.len(), ..summary });
     Ok(Status {
+        lineage,
         iface: iface.to_owned(),
         pin_dir: dir,
         link_id: running.link_id,

@@ -27,6 +27,7 @@ use crate::{
         artifact::Artifact,
         counter_slots::{Assignment, CounterDiscount},
         digest::format_digest,
+        lineage::LineageOptions,
     },
     kernel::{
         counters::zero_fresh_slots,
@@ -35,7 +36,7 @@ use crate::{
         running::{counter_slots_of, Running},
         sys,
     },
-    state::{checkpoint, HostRecord, IfaceLock, IfaceRecord, StateDir},
+    state::{checkpoint, HostRecord, IfaceLock, IfaceRecord, RecordedLineage, StateDir},
     Error,
 };
 
@@ -101,6 +102,8 @@ pub struct Swapped {
     pub adopted: Option<String>,
     /// The host parameters that changed ("MTU 1500 -> 1400"), re-read or given.
     pub host_changes: Vec<String>,
+    /// The lineage of what was swapped in, in words; None: a settled generation.
+    pub lineage: Option<String>,
 }
 
 /// Replaces the generation running on the target with `artifact`, atomically; the
@@ -121,6 +124,21 @@ pub fn swap_with(
     let (_lock, recovered) = lock_and_recover(state, target)?;
     let (record, adopted) = settled_record(state, target)?;
     swap_locked(state, target, artifact, change, record, Notes { recovered, adopted }, options)
+}
+
+/// Swaps in the settled form of what runs: the same config and program without lineage.
+pub fn settle(state: &StateDir, target: &Target, options: &SwapOptions) -> crate::Result<Swapped> {
+    let (_lock, recovered) = lock_and_recover(state, target)?;
+    let (record, adopted) = settled_record(state, target)?;
+    let current = record.current.clone().ok_or_else(|| other!("nothing runs on {} to settle", target.iface))?;
+    let running = state.artifact(&current)?;
+    if running.lineage.is_none() {
+        bail!("{} runs {current}, which has no lineage: it is settled already", target.iface);
+    }
+    let settled = running.settled()?;
+    check_program(&settled, options.allow)?;
+    let options = SwapOptions { lineage: None, ..options.clone() };
+    swap_locked(state, target, &settled, &Change::command("settle"), record, Notes { recovered, adopted }, &options)
 }
 
 /// Takes the interface's lock and settles what an interrupted command left.
@@ -198,6 +216,7 @@ fn adopt(
         pending_counter_slots: None,
         counter_discount: CounterDiscount::default(),
         pending_host: None,
+        lineage: None,
     };
     state.write_record(&target.key, &record)?;
     let note = format!(
@@ -280,6 +299,8 @@ fn swap_locked(
     options: &SwapOptions,
 ) -> crate::Result<Swapped> {
     let (host, host_changes) = next_host(&record.host, &options.host, &target.iface)?;
+    let (derived, lineage) = after_current(state, &record, artifact, options.lineage.as_ref())?;
+    let artifact = derived.as_ref().unwrap_or(artifact);
     check_vips_on_host(artifact, &target.iface, options.allow)?;
     let dir = pins::pin_dir(&target.iface)?;
     let link_path = pins::link_pin(&dir);
@@ -320,6 +341,7 @@ fn swap_locked(
         record.counter_slots = record.pending_counter_slots.take().unwrap_or_default();
         record.host = record.pending_host.take().unwrap_or_else(|| HostRecord::of(&host));
         record.make_current(to.clone());
+        record.lineage = RecordedLineage::of(artifact);
         state.write_record(&target.key, &record)?;
         checkpoint("record-written");
         Ok(preflight_packets)
@@ -334,7 +356,49 @@ fn swap_locked(
     audit(state, target, &change, from.clone(), Some(to.clone()), Some(&record), result.as_ref().err())?;
     let preflight_packets = result?;
     state.collect_garbage()?;
-    Ok(Swapped { from, to, preflight_packets, recovered: notes.recovered, adopted: notes.adopted, host_changes })
+    Ok(Swapped {
+        from,
+        to,
+        preflight_packets,
+        recovered: notes.recovered,
+        adopted: notes.adopted,
+        host_changes,
+        lineage,
+    })
+}
+
+/// `artifact` built after the generation the record says runs (when `options` ask for it
+/// and the artifact has no lineage of its own), and what its lineage is, in words.
+fn after_current(
+    state: &StateDir,
+    record: &IfaceRecord,
+    artifact: &Artifact,
+    options: Option<&LineageOptions>,
+) -> crate::Result<(Option<Artifact>, Option<String>)> {
+    let running = record.current.as_deref().map(|digest| state.artifact(digest));
+    let derived = match (options, &artifact.lineage, running) {
+        // What runs is this generation already, with its lineage: it stays as it is.
+        (Some(_), None, Some(Ok(running))) if running.settled()?.digest == artifact.digest => Some(running),
+        (Some(options), None, Some(Ok(running))) => Some(artifact.after(&running, options)?),
+        _ => None,
+    };
+    let chosen = derived.as_ref().unwrap_or(artifact);
+    let note = chosen.lineage.as_ref().map(|lineage| {
+        let newest = lineage.predecessors.first().map(|p| p.digest.as_str());
+        let warning = match (newest, record.current.as_deref()) {
+            (Some(newest), Some(current)) if newest != current => {
+                format!("; WARNING: built after {newest}, but {current} runs: its hops name that one's owners")
+            }
+            _ => String::new(),
+        };
+        format!(
+            "{} slots changed owner; {} with hops, from {} predecessor(s){warning}",
+            lineage.changed_slots(),
+            chosen.generation.lineage.len(),
+            lineage.predecessors.len()
+        )
+    });
+    Ok((derived, note))
 }
 
 /// Swaps back to the previous generation, or to the one named by `to` (a digest or a
@@ -384,7 +448,10 @@ pub fn rollback_with(
             }
         }
     };
-    let artifact = state.artifact(&digest)?;
+    // Rolled back to with a lineage of its own making: the one it was stored with names older
+    // generations' owners.
+    let stored = state.artifact(&digest)?;
+    let artifact = if options.lineage.is_some() { stored.settled()? } else { stored };
     check_program(&artifact, options.allow)?;
     swap_locked(state, target, &artifact, &Change::command("rollback"), record, Notes { recovered, adopted }, options)
 }

@@ -7,7 +7,7 @@ use crate::{
     generation::{
         address::format_mac,
         counter_slots::Assignment,
-        digest::{compute_digest, format_digest},
+        digest::{compute_digest, format_digest, LineageContent},
         program::LOAD_BALANCER,
     },
     kernel::{
@@ -104,22 +104,24 @@ pub fn verify(state: &StateDir, target: &Target) -> crate::Result<Verification> 
     match recorded.as_deref().map(|d| state.artifact(d)) {
         Some(Ok(artifact)) => {
             let tables = running.tables()?;
+            let record_json = artifact.lineage.as_ref().map(|r| r.to_canonical_json());
             let digest = compute_digest(
                 &artifact.generation.config.to_canonical_json(),
                 &tables.vip_slots,
                 &tables.backends,
                 &tables.maglev,
                 &artifact.program,
+                record_json.as_deref().map(|record_json| LineageContent { record_json, slots: &tables.lineage }),
             );
             recomputed = Some(format_digest(&digest));
             check(
                 "config maps",
                 digest == artifact.digest,
                 if digest == artifact.digest {
-                    "the kernel's VIPS, BACKENDS and MAGLEV hash to the recorded digest".to_owned()
+                    "the kernel's VIPS, BACKENDS, MAGLEV and LINEAGES hash to the recorded digest".to_owned()
                 } else {
                     format!(
-                        "the kernel's VIPS, BACKENDS and MAGLEV hash to {}, not to the recorded generation",
+                        "the kernel's VIPS, BACKENDS, MAGLEV and LINEAGES hash to {}, not to the recorded generation",
                         format_digest(&digest)
                     )
                 },

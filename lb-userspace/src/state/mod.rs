@@ -24,6 +24,7 @@ use crate::{
         artifact::Artifact,
         counter_slots::{CounterDiscount, CounterSlots},
         digest::hex,
+        lineage::LineageSummary,
     },
     kernel::loader::HostParams,
 };
@@ -92,6 +93,23 @@ pub struct IfaceRecord {
     /// with `pending`.
     #[serde(default)]
     pub pending_host: Option<HostRecord>,
+    /// The lineage of the generation `digest` as it was swapped in, so that `status` need not
+    /// rebuild the artifact to show it (`verify` checks the kernel's tables in full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<RecordedLineage>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedLineage {
+    pub digest: String,
+    pub summary: LineageSummary,
+}
+
+impl RecordedLineage {
+    pub fn of(artifact: &Artifact) -> Option<RecordedLineage> {
+        let summary = LineageSummary::of(artifact, artifact.generation.lineage.len())?;
+        Some(RecordedLineage { digest: artifact.digest_string(), summary })
+    }
 }
 
 impl IfaceRecord {

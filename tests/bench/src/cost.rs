@@ -74,9 +74,9 @@ pub struct Proof {
 }
 
 #[derive(Clone, Copy)]
-struct Case {
-    class: Class,
-    new_flow: bool,
+pub(super) struct Case {
+    pub(super) class: Class,
+    pub(super) new_flow: bool,
 }
 
 impl Case {
@@ -117,10 +117,10 @@ pub fn measure(
 }
 
 /// A program the harness tail-calls, and the verdict it must return.
-struct Target<'a> {
-    name: &'static str,
-    program: &'a Xdp,
-    action: u32,
+pub(super) struct Target<'a> {
+    pub(super) name: &'static str,
+    pub(super) program: &'a Xdp,
+    pub(super) action: u32,
 }
 
 fn measure_row(
@@ -158,7 +158,20 @@ fn run_rounds(
     targets: &[Target; 5],
     frame: &[u8],
 ) -> anyhow::Result<(Raw, u64)> {
-    let mut series: [Vec<f64>; 5] = Default::default();
+    let (series, floor, packets) = run_target_rounds(settings, harness, targets, frame)?;
+    let [harness, baseline, helper_call, encap_floor, ballast] = series;
+    Ok((Raw { harness, baseline, helper_call, encap_floor, ballast, floor }, packets))
+}
+
+/// [`run_rounds`] for any targets, the first `xdp_drop`: each target's figures, `xdp_drop`
+/// alone, and the packets each target ran.
+pub(super) fn run_target_rounds<const N: usize>(
+    settings: &Settings,
+    harness: &mut Harness,
+    targets: &[Target; N],
+    frame: &[u8],
+) -> anyhow::Result<([Vec<f64>; N], Vec<f64>, u64)> {
+    let mut series: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
     let mut floor = Vec::new();
     let mut packets = 0u64;
     for round in 0..=settings.runs {
@@ -169,7 +182,7 @@ fn run_rounds(
                 series.push(ns);
             }
         }
-        let [drop, ..] = targets;
+        let drop = &targets[0];
         let alone = run_repeat(drop.program, frame, repeat)?;
         ensure!(alone.action == drop.action, "xdp_drop returned {}", alone.action);
         if round > 0 {
@@ -177,8 +190,7 @@ fn run_rounds(
         }
         packets += u64::from(repeat);
     }
-    let [harness, baseline, helper_call, encap_floor, ballast] = series;
-    Ok((Raw { harness, baseline, helper_call, encap_floor, ballast, floor }, packets))
+    Ok((series, floor, packets))
 }
 
 /// One run of the harness into `target`: ns per packet. Wall-clock time would count the
@@ -222,24 +234,7 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
         ("ballast", &ballast),
         ("xdp_drop alone", &floor),
     ];
-    // One line per row, naming every program whose runs spread too far.
-    let spread: Vec<String> = runs
-        .iter()
-        .map(|(what, raw)| (what, Summary::of(raw)))
-        .filter(|(_, summary)| summary.too_spread())
-        .map(|(what, summary)| format!("{what} {:.0}%", summary.spread * 100.0))
-        .collect();
-    let warnings = if spread.is_empty() {
-        Vec::new()
-    } else {
-        vec![format!(
-            "{} / {}: the middle half of the runs spreads more than {:.0}% of the median: {}",
-            scenario.label,
-            case.name(),
-            SPREAD_WARNING * 100.0,
-            spread.join(", ")
-        )]
-    };
+    let warnings = spread_warnings(&format!("{} / {}", scenario.label, case.name()), &runs);
     CostRow {
         scenario: scenario.label.clone(),
         class: case.name(),
@@ -268,14 +263,33 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
     }
 }
 
+/// One line for a row (`what`), naming every program whose runs spread too far; none if
+/// none did.
+pub(super) fn spread_warnings(what: &str, runs: &[(&str, &Vec<f64>)]) -> Vec<String> {
+    let spread: Vec<String> = runs
+        .iter()
+        .map(|(program, raw)| (program, Summary::of(raw)))
+        .filter(|(_, summary)| summary.too_spread())
+        .map(|(program, summary)| format!("{program} {:.0}%", summary.spread * 100.0))
+        .collect();
+    if spread.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "{what}: the middle half of the runs spreads more than {:.0}% of the median: {}",
+        SPREAD_WARNING * 100.0,
+        spread.join(", ")
+    )]
+}
+
 /// ballast's counters and the harness's failure counters at one moment.
-struct Observed {
+pub(super) struct Observed {
     ballast: CounterSnapshot,
     harness_failures: u64,
 }
 
 impl Observed {
-    fn read(harness: &Harness, deployed: &Deployed) -> anyhow::Result<Observed> {
+    pub(super) fn read(harness: &Harness, deployed: &Deployed) -> anyhow::Result<Observed> {
         Ok(Observed {
             ballast: deployed.loaded.counters()?,
             harness_failures: harness.counter(HarnessCounter::RestoreFailed)?
@@ -286,7 +300,13 @@ impl Observed {
 
 /// Every packet ballast saw must have taken the class's path: counted under its reason and
 /// nothing else, for the target VIP, on one backend (fixed flow) or several (new flows).
-fn prove(before: &Observed, after: &Observed, deployed: &Deployed, case: Case, packets: u64) -> anyhow::Result<Proof> {
+pub(super) fn prove(
+    before: &Observed,
+    after: &Observed,
+    deployed: &Deployed,
+    case: Case,
+    packets: u64,
+) -> anyhow::Result<Proof> {
     ensure!(
         after.harness_failures == before.harness_failures,
         "the harness failed {} times to restore the frame or to tail-call",

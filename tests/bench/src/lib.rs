@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: what ballast costs.
 //!
-//! 1. Per-packet cost of each packet class, beside a minimal XDP forwarder (the baseline):
+//! 1. Per-packet cost of each packet class, beside a minimal XDP forwarder (the baseline),
+//!    of second chance's paths in a lineage generation (`second_chance`), and of the
+//!    backend decapsulator's decisions (`decap`):
 //!    BPF_PROG_TEST_RUN in repeat mode through a harness that restores the frame every run
 //!    (repeat mode reuses one buffer, and an encapsulating program would otherwise see its own
 //!    output), with the harness's own cost measured and subtracted, and ballast's counters
@@ -13,11 +15,13 @@
 //! that is removed when the bench ends, however it ends. Needs root.
 mod control;
 mod cost;
+mod decap;
 mod forwarding;
 mod lab;
 mod plan;
 mod programs;
 mod report;
+mod second_chance;
 mod stats;
 
 use std::path::Path;
@@ -142,10 +146,14 @@ fn worker(options: Options, settings: &Settings, lab: &Lab, cpu: usize) -> anyho
     let mut scenarios = [Scenario::one_vip(&host)?, Scenario::many_vips(&host)?];
     let scenario_info = scenarios.iter().map(Scenario::info).collect::<anyhow::Result<Vec<_>>>()?;
     let packet_cost = cost::measure(settings, &mut harness, &reference, &scenarios, ends.macs())?;
+    let second_chance = second_chance::measure(settings, &mut harness, &reference, &host, ends.macs())?;
+    let decapsulator = decap::measure(settings, &mut harness, &reference)?;
     let forwarding = forwarding::measure(settings, &mut harness, &mut reference, &mut scenarios, &ends)?;
     drop(scenarios);
     let control_plane = control::measure(settings, &host, ends.lb.index)?;
     let mut warnings: Vec<String> = packet_cost.rows.iter().flat_map(|row| row.warnings.clone()).collect();
+    warnings.extend(second_chance.rows.iter().flat_map(|row| row.warnings.clone()));
+    warnings.extend(decapsulator.rows.iter().flat_map(|row| row.warnings.clone()));
     warnings.extend(forwarding.rows.iter().filter_map(|row| row.mpps.warning(&format!("forwarding / {}", row.target))));
     Ok(Report {
         mode: if options.quick { "quick" } else { "full" },
@@ -157,6 +165,8 @@ fn worker(options: Options, settings: &Settings, lab: &Lab, cpu: usize) -> anyho
         load_average: [0.0; 2],
         scenarios: scenario_info,
         packet_cost,
+        second_chance,
+        decapsulator,
         forwarding,
         control_plane,
         warnings,

@@ -1,6 +1,6 @@
 //! The benchmark's own XDP programs, built from tests/bench/ebpf by build.rs: the harness
 //! object (`bench_harness`, `bench_generator`, `bench_sink`) and the reference object
-//! (`baseline`, `helper_call`, `encap_floor`, `xdp_drop`). See tests/bench/ebpf/src/harness.rs
+//! (`baseline`, `helper_call`, `encap_floor`, `gue_floor`, `xdp_drop`). See tests/bench/ebpf/src/harness.rs
 //! for what the harness does each run; the template's layout, the counter indices and every
 //! name looked up here come from ballast-bench-common, as the kernel side's do.
 use anyhow::{anyhow, Context as _};
@@ -12,7 +12,7 @@ use aya::{
 pub use ballast_bench_common::HarnessCounter;
 use ballast_bench_common::{
     Template, MAP_COUNTERS, MAP_TARGET, MAP_TEMPLATE, PROGRAM_BASELINE, PROGRAM_ENCAP_FLOOR, PROGRAM_GENERATOR,
-    PROGRAM_HARNESS, PROGRAM_HELPER_CALL, PROGRAM_SINK, PROGRAM_XDP_DROP,
+    PROGRAM_GUE_FLOOR, PROGRAM_HARNESS, PROGRAM_HELPER_CALL, PROGRAM_SINK, PROGRAM_XDP_DROP,
 };
 
 use super::plan::Frame;
@@ -31,6 +31,8 @@ pub struct Run {
 pub struct Harness {
     ebpf: Ebpf,
     frame: Vec<u8>,
+    /// The interface runs come in on (0: the namespace's loopback, the kernel's default).
+    ingress_ifindex: u32,
 }
 
 impl Harness {
@@ -39,7 +41,7 @@ impl Harness {
         for name in [PROGRAM_HARNESS, PROGRAM_GENERATOR, PROGRAM_SINK] {
             xdp_mut(&mut ebpf, name)?.load().with_context(|| format!("loading {name} (verifier)"))?;
         }
-        Ok(Harness { ebpf, frame: Vec::new() })
+        Ok(Harness { ebpf, frame: Vec::new(), ingress_ifindex: 0 })
     }
 
     /// The frame every run starts from; `new_flow` varies the source per packet;
@@ -66,9 +68,23 @@ impl Harness {
         ProgramArray::try_from(map)?.set(0, fd, 0).context("putting the target into the harness's program array")
     }
 
+    /// Runs come in on the interface `ifindex` of the calling thread's namespace from now on
+    /// (0: its loopback), for targets that look at it (the decapsulator's FIB lookups).
+    pub fn set_ingress(&mut self, ifindex: u32) {
+        self.ingress_ifindex = ifindex;
+    }
+
     /// Runs harness + target `repeat` times on the frame.
     pub fn run(&self, repeat: u32) -> anyhow::Result<Run> {
-        run_repeat(xdp(&self.ebpf, PROGRAM_HARNESS)?, &self.frame, repeat)
+        let program = xdp(&self.ebpf, PROGRAM_HARNESS)?;
+        if self.ingress_ifindex == 0 {
+            return run_repeat(program, &self.frame, repeat);
+        }
+        let context = ballast::ops::decap::test_run_context(self.frame.len(), self.ingress_ifindex)?;
+        let options =
+            TestRunOptions { data_in: Some(&self.frame), ctx_in: Some(&context), repeat, ..TestRunOptions::new() };
+        let result = program.test_run(options).context("BPF_PROG_TEST_RUN from an interface")?;
+        Ok(Run { action: result.return_value, ns_per_packet: result.duration.as_nanos() as f64 })
     }
 
     /// Sends `frames` frames through `bench_generator` in live-frames mode (they really leave
@@ -107,7 +123,7 @@ pub struct Reference {
 impl Reference {
     pub fn load() -> anyhow::Result<Reference> {
         let mut ebpf = Ebpf::load(REFERENCE_OBJECT).context("creating the reference programs")?;
-        for name in [PROGRAM_BASELINE, PROGRAM_HELPER_CALL, PROGRAM_ENCAP_FLOOR, PROGRAM_XDP_DROP] {
+        for name in [PROGRAM_BASELINE, PROGRAM_HELPER_CALL, PROGRAM_ENCAP_FLOOR, PROGRAM_GUE_FLOOR, PROGRAM_XDP_DROP] {
             xdp_mut(&mut ebpf, name)?.load().with_context(|| format!("loading {name} (verifier)"))?;
         }
         Ok(Reference { ebpf })
@@ -123,6 +139,10 @@ impl Reference {
 
     pub fn encap_floor(&self) -> anyhow::Result<&Xdp> {
         xdp(&self.ebpf, PROGRAM_ENCAP_FLOOR)
+    }
+
+    pub fn gue_floor(&self) -> anyhow::Result<&Xdp> {
+        xdp(&self.ebpf, PROGRAM_GUE_FLOOR)
     }
 
     pub fn xdp_drop(&self) -> anyhow::Result<&Xdp> {
@@ -174,7 +194,8 @@ mod tests {
             assert!(harness.programs.contains_key(program), "program {program} missing from the harness object");
         }
         let reference = aya_obj::Object::parse(REFERENCE_OBJECT).context("parsing the reference object")?;
-        for program in [PROGRAM_BASELINE, PROGRAM_HELPER_CALL, PROGRAM_ENCAP_FLOOR, PROGRAM_XDP_DROP] {
+        for program in [PROGRAM_BASELINE, PROGRAM_HELPER_CALL, PROGRAM_ENCAP_FLOOR, PROGRAM_GUE_FLOOR, PROGRAM_XDP_DROP]
+        {
             assert!(reference.programs.contains_key(program), "program {program} missing from the reference object");
         }
         Ok(())

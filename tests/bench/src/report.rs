@@ -4,7 +4,10 @@ use std::fmt::Write as _;
 use ballast::kernel::loader::VerifierStats;
 use serde::Serialize;
 
-use super::{control::ControlPlane, cost::PacketCost, forwarding::Forwarding, stats::Summary};
+use super::{
+    control::ControlPlane, cost::PacketCost, decap::DecapCost, forwarding::Forwarding, second_chance::SecondChanceCost,
+    stats::Summary,
+};
 
 #[derive(Serialize)]
 pub struct Report {
@@ -22,6 +25,9 @@ pub struct Report {
     pub load_average: [f64; 2],
     pub scenarios: Vec<ScenarioInfo>,
     pub packet_cost: PacketCost,
+    pub second_chance: SecondChanceCost,
+    /// The backend's decapsulator, per decision.
+    pub decapsulator: DecapCost,
     pub forwarding: Forwarding,
     pub control_plane: ControlPlane,
     pub warnings: Vec<String>,
@@ -61,6 +67,8 @@ impl Report {
         );
         self.scenarios_md(&mut out);
         self.cost_md(&mut out);
+        self.second_chance.markdown(&mut out);
+        self.decapsulator.markdown(&mut out);
         self.forwarding_md(&mut out);
         self.control_md(&mut out);
         self.memory_md(&mut out);

@@ -302,20 +302,7 @@ impl Fixture {
 
     /// `GET /metrics` from a new client inside the load balancer's namespace.
     pub fn try_metrics(&self) -> anyhow::Result<Metrics> {
-        let response = lab::in_netns(&self.lb_ns(), || {
-            let address: SocketAddr = METRICS.parse()?;
-            let mut stream = TcpStream::connect_timeout(&address, METRICS_CLIENT_TIMEOUT)?;
-            stream.set_read_timeout(Some(METRICS_CLIENT_TIMEOUT))?;
-            stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: ballast\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })?;
-        let (head, body) =
-            response.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("no HTTP response: {response:?}"))?;
-        anyhow::ensure!(head.starts_with("HTTP/1.0 200 "), "GET /metrics: {head}");
-        // prometheus-parse takes OpenMetrics' "# EOF" as a line it ignores: nothing to strip.
-        Ok(Metrics(Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))?))
+        scrape(&self.lb_ns(), METRICS.parse()?)
     }
 
     /// A scrape with the kernel's side (the traffic counters, the generation): a scrape that
@@ -382,4 +369,22 @@ impl Fixture {
         std::fs::rename(&temporary, &self.config)
             .with_context(|| format!("renaming {} to {}", temporary.display(), self.config.display()))
     }
+}
+
+/// `GET /metrics` from a new client inside the network namespace `ns` (the daemon's endpoint,
+/// or `ballast decap metrics`).
+pub fn scrape(ns: &str, address: SocketAddr) -> anyhow::Result<Metrics> {
+    let response = lab::in_netns(ns, || {
+        let mut stream = TcpStream::connect_timeout(&address, METRICS_CLIENT_TIMEOUT)?;
+        stream.set_read_timeout(Some(METRICS_CLIENT_TIMEOUT))?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: ballast\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })?;
+    let (head, body) =
+        response.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("no HTTP response: {response:?}"))?;
+    anyhow::ensure!(head.starts_with("HTTP/1.0 200 "), "GET /metrics: {head}");
+    // prometheus-parse takes OpenMetrics' "# EOF" as a line it ignores: nothing to strip.
+    Ok(Metrics(Scrape::parse(body.lines().map(|line| Ok(line.to_owned())))?))
 }

@@ -4,6 +4,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use anyhow::anyhow;
+use ballast::generation::artifact::Artifact;
+use ballast::generation::config::Config;
+use ballast::generation::lineage::LineageOptions;
+use ballast::generation::program::LOAD_BALANCER;
 use ballast::kernel::counters::CounterSnapshot;
 use ballast::kernel::loader::HostParams;
 use lb_common::maps::{Counter, Reason};
@@ -84,9 +89,33 @@ pub struct Differential {
 
 impl Differential {
     pub fn load(config_toml: &str, host: HostParams) -> anyhow::Result<Differential> {
-        let lb = Harness::load(config_toml, host)?;
+        Ok(Differential::of_harness(Harness::load(config_toml, host)?))
+    }
+
+    /// The generation `lb` loaded (a lineage generation, say), against the model.
+    pub fn of_harness(lb: Harness) -> Differential {
         let host = host_view(&lb.host);
-        Ok(Differential { lb, host })
+        Differential { lb, host }
+    }
+
+    /// `config_toml`'s generation built after `predecessors` (oldest first, each built after
+    /// the one before with `Artifact::build_after`), so with their lineage, loaded for `host`.
+    pub fn load_after(
+        config_toml: &str,
+        predecessors: &[Config],
+        options: &LineageOptions,
+        host: HostParams,
+    ) -> anyhow::Result<Differential> {
+        let config = Config::from_toml_str(config_toml).map_err(|e| anyhow!("test config: {e}"))?;
+        let mut artifact: Option<Artifact> = None;
+        for config in predecessors.iter().chain([&config]) {
+            artifact = Some(match &artifact {
+                None => Artifact::build(config, LOAD_BALANCER)?,
+                Some(previous) => Artifact::build_after(config, LOAD_BALANCER, previous, options)?,
+            });
+        }
+        let generation = artifact.map(|a| a.generation).ok_or_else(|| anyhow!("no generation"))?;
+        Ok(Differential::of_harness(Harness::of_generation(generation, host)?))
     }
 
     pub fn view(&self) -> GenerationView<'_> {

@@ -1,12 +1,14 @@
 //! The checker: an encapsulated frame parsed with etherparse alone (never with lb-common's
 //! wire code) into fields to compare, and the same fields serialized back into exact bytes.
+//! A second-chance packet's UDP, GUE and hops (README "Second chance"), which etherparse
+//! does not know, are read and written here byte by byte.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context as _};
 use etherparse::{Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, SingleVlanHeader};
 
 use crate::packet::{dscp_of, ecn_of, VlanTag};
-use crate::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN};
+use crate::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP};
 
 /// The outer IP header of an encapsulated frame, as parsed (or as expected).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,8 +129,118 @@ pub struct Encapsulated {
     /// Ether type of the IP header (inside the tag, if tagged).
     pub ether_type: u16,
     pub outer: OuterHeader,
-    /// The bytes after the outer header: the inner IP packet (and any Ethernet padding).
+    /// UDP, GUE and the hops when the outer header says UDP (a second-chance packet).
+    pub gue: Option<GueHops>,
+    /// The bytes after the outer headers: the inner IP packet (and any Ethernet padding).
     pub inner: Vec<u8>,
+}
+
+/// What follows the outer IP header of a second-chance packet, field by field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GueHops {
+    pub source_port: u16,
+    pub destination_port: u16,
+    pub udp_len: u16,
+    pub udp_checksum: u16,
+    /// GUE's first byte: version (2 bits), C (1 bit), hlen (5 bits, 32-bit words after
+    /// GUE's 4-byte header).
+    pub version: u8,
+    pub control: bool,
+    pub hlen: u8,
+    /// The inner packet's protocol (4 or 41).
+    pub protocol: u8,
+    pub flags: u16,
+    /// ballast's private data: kind, next hop, hop count, reserved, then the hops.
+    pub kind: u8,
+    pub next_hop: u8,
+    pub hop_count: u8,
+    pub reserved: u8,
+    pub hops: Vec<IpAddr>,
+}
+
+impl GueHops {
+    /// What the README's format says the load balancer writes for a flow of `hash` whose
+    /// inner packet (IPv4 if `ipv4`) is `inner_len` bytes, with these hops.
+    pub fn expected(ipv4: bool, hash: u32, inner_len: usize, hops: Vec<IpAddr>) -> GueHops {
+        let private_len = 4 + hops.len() * if ipv4 { 4 } else { 16 };
+        GueHops {
+            source_port: 0xc000 | (hash >> 18) as u16,
+            destination_port: 6080,
+            udp_len: (8 + 4 + private_len + inner_len) as u16,
+            udp_checksum: 0,
+            version: 0,
+            control: false,
+            hlen: (private_len / 4) as u8,
+            protocol: if ipv4 { IPPROTO_IPIP } else { IPPROTO_IPV6 },
+            flags: 0,
+            kind: 0xb1,
+            next_hop: 0,
+            hop_count: hops.len() as u8,
+            reserved: 0,
+            hops,
+        }
+    }
+
+    /// Bytes from the UDP header to the inner packet.
+    pub fn header_len(&self) -> usize {
+        12 + usize::from(self.hlen) * 4
+    }
+
+    /// Reads UDP, GUE and hops off `bytes`, hops of the outer family (`ipv4`); the rest.
+    fn parse(bytes: &[u8], ipv4: bool) -> anyhow::Result<(GueHops, &[u8])> {
+        let be16 = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
+        if bytes.len() < 16 {
+            bail!("{} bytes after the outer header: no UDP, GUE and hops header", bytes.len());
+        }
+        let hlen = bytes[8] & 0x1f;
+        let private_len = usize::from(hlen) * 4;
+        let hop_count = bytes[14];
+        let address_len = if ipv4 { 4 } else { 16 };
+        if private_len != 4 + usize::from(hop_count) * address_len || bytes.len() < 12 + private_len {
+            bail!("GUE hlen {hlen} does not hold the hops header and {hop_count} hops ({} bytes)", bytes.len());
+        }
+        let hops = bytes[16..12 + private_len]
+            .chunks(address_len)
+            .map(|address| match (<[u8; 4]>::try_from(address), <[u8; 16]>::try_from(address)) {
+                (Ok(v4), _) => IpAddr::from(v4),
+                (_, v6) => IpAddr::from(v6.unwrap_or_default()),
+            })
+            .collect();
+        let gue = GueHops {
+            source_port: be16(0),
+            destination_port: be16(2),
+            udp_len: be16(4),
+            udp_checksum: be16(6),
+            version: bytes[8] >> 6,
+            control: bytes[8] & 0x20 != 0,
+            hlen,
+            protocol: bytes[9],
+            flags: be16(10),
+            kind: bytes[12],
+            next_hop: bytes[13],
+            hop_count,
+            reserved: bytes[15],
+            hops,
+        };
+        Ok((gue, &bytes[12 + private_len..]))
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for field in [self.source_port, self.destination_port, self.udp_len, self.udp_checksum] {
+            bytes.extend_from_slice(&field.to_be_bytes());
+        }
+        bytes.extend_from_slice(&[(self.version << 6) | (u8::from(self.control) << 5) | self.hlen, self.protocol]);
+        bytes.extend_from_slice(&self.flags.to_be_bytes());
+        bytes.extend_from_slice(&[self.kind, self.next_hop, self.hop_count, self.reserved]);
+        for hop in &self.hops {
+            match hop {
+                IpAddr::V4(a) => bytes.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => bytes.extend_from_slice(&a.octets()),
+            }
+        }
+        bytes
+    }
 }
 
 impl Encapsulated {
@@ -179,12 +291,20 @@ impl Encapsulated {
             }
             other => bail!("ether type {other:#06x} is not IP"),
         };
+        let (gue, inner) = match outer {
+            OuterHeader::V4 { protocol: IPPROTO_UDP, .. } | OuterHeader::V6 { next_header: IPPROTO_UDP, .. } => {
+                let (gue, inner) = GueHops::parse(inner, ether_type == ETHERTYPE_IPV4)?;
+                (Some(gue), inner)
+            }
+            _ => (None, inner),
+        };
         Ok(Encapsulated {
             eth_dst: ethernet.destination,
             eth_src: ethernet.source,
             vlan,
             ether_type,
             outer,
+            gue,
             inner: inner.to_vec(),
         })
     }
@@ -203,6 +323,7 @@ impl Encapsulated {
             None => frame.extend_from_slice(&self.ether_type.to_be_bytes()),
         }
         frame.extend_from_slice(&self.outer.to_bytes());
+        frame.extend(self.gue.iter().flat_map(GueHops::to_bytes));
         frame.extend_from_slice(&self.inner);
         frame
     }

@@ -120,8 +120,31 @@ impl FrameFuzzer {
     /// padding, odd flags): the raw material of most cases.
     pub fn ip_frame(&self, rng: &mut XorShift) -> Vec<u8> {
         let flow = self.flow(rng);
+        self.frame_of_flow(rng, flow, None)
+    }
+
+    /// Frame `index` of a run over a lineage generation: every other one to a VIP, its TCP
+    /// flags byte `index / 2 % 256` (every combination, to whatever slot the random client
+    /// hashes to, changed or not) or UDP; the others as [`FrameFuzzer::frame`].
+    pub fn second_chance_frame(&self, seed: u64, index: u64) -> Vec<u8> {
+        if index % 2 == 1 {
+            return self.frame(seed, index);
+        }
+        let rng = &mut frame_rng(seed, index);
+        let target = rng.pick(&self.targets);
+        let dport = if target.port != 0 { target.port } else { rng.next_u16() };
+        let src = random_address(rng, target.addr.is_ipv4());
+        let flow = FlowChoice { src, dst: target.addr, protocol: target.protocol, sport: rng.next_u16(), dport };
+        self.frame_of_flow(rng, flow, Some((index / 2 % 256) as u8))
+    }
+
+    /// A well-formed IP frame of `flow`, with `tcp_flags` for its TCP flags byte if given.
+    fn frame_of_flow(&self, rng: &mut XorShift, flow: FlowChoice, tcp_flags: Option<u8>) -> Vec<u8> {
         let payload_len = self.payload_len(rng, &flow);
-        let transport = transport(rng, &flow, payload_len);
+        let mut transport = transport(rng, &flow, payload_len);
+        if let (TCP, Some(flags)) = (flow.protocol, tcp_flags) {
+            transport[13] = flags; // after ports, sequence and acknowledgment numbers, data offset
+        }
         let (ether_type, ip) = match (flow.src, flow.dst) {
             (IpAddr::V4(_), IpAddr::V4(_)) => (ETHERTYPE_IPV4, ipv4_packet(rng, &flow, &transport)),
             _ => (ETHERTYPE_IPV6, ipv6_packet(rng, &flow, &transport)),
@@ -153,15 +176,20 @@ impl FrameFuzzer {
         FlowChoice { src: random_address(rng, dst.is_ipv4()), dst, protocol, sport, dport }
     }
 
-    /// Mostly small, sometimes up to the MTU, right at the encapsulated MTU boundary, or
-    /// jumbo (past what the program sees whole).
+    /// Mostly small, sometimes up to the MTU, right at the encapsulated MTU boundary (IPIP's
+    /// or GUE's), or jumbo (past what the program sees whole).
     fn payload_len(&self, rng: &mut XorShift, flow: &FlowChoice) -> usize {
         let (ip_header, outer) = if flow.dst.is_ipv4() { (20, 20) } else { (40, 40) };
         let headers = ip_header + if flow.protocol == TCP { 20 } else { 8 };
         match rng.below(100) {
             0..=59 => rng.below(64),
             60..=84 => rng.below(1500),
-            85..=94 => (self.mtu + 3).saturating_sub(outer + headers + rng.below(6)),
+            85..=94 => {
+                // At the MTU for IPIP's outer header, or for GUE's with 1 to 4 hops.
+                let hop_len = if flow.dst.is_ipv4() { 4 } else { 16 };
+                let gue = if rng.chance(50) { 0 } else { 16 + (1 + rng.below(4)) * hop_len };
+                (self.mtu + 3).saturating_sub(outer + gue + headers + rng.below(6))
+            }
             95..=98 => rng.below(TEST_RUN_LINEAR_LIMIT),
             _ => rng.below(JUMBO_FRAME_LEN),
         }

@@ -9,12 +9,14 @@ use ballast::generation::config::Config;
 use ballast::generation::Generation;
 use ballast::kernel::counters::CounterSnapshot;
 use ballast::kernel::loader::{HostParams, LoadedGeneration};
-use lb_common::maps::{Counter, Reason};
+use lb_common::flow::table_slot;
+use lb_common::maps::{Counter, Reason, FAMILY_IPV4, FAMILY_IPV6};
 
-use crate::encapsulated::{Encapsulated, OuterHeader};
-use crate::packet::Packet;
+use crate::encapsulated::{Encapsulated, GueHops, OuterHeader};
+use crate::packet::{Packet, Transport};
 use crate::{
-    action_name, hex, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HEADER_LEN, OUTER_TTL, XDP_PASS,
+    action_name, hex, ETHERTYPE_IPV4, ETHERTYPE_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HEADER_LEN,
+    OUTER_TTL, XDP_PASS,
 };
 
 /// What one run of the program did.
@@ -64,7 +66,11 @@ pub struct Harness {
 impl Harness {
     pub fn load(config_toml: &str, host: HostParams) -> anyhow::Result<Harness> {
         let config = Config::from_toml_str(config_toml).map_err(|e| anyhow!("test config: {e}"))?;
-        let generation = Generation::build(&config)?;
+        Harness::of_generation(Generation::build(&config)?, host)
+    }
+
+    /// `generation` (a lineage generation, say) loaded for `host`.
+    pub fn of_generation(generation: Generation, host: HostParams) -> anyhow::Result<Harness> {
         let program = LoadedGeneration::load(&generation, &host, None)?;
         Ok(Harness { generation, host, program })
     }
@@ -137,17 +143,21 @@ impl Harness {
         let hash = packet.flow_hash(&self.generation);
         // The IP packet and any padding after it, untouched.
         let inner = packet.frame().split_off(packet.link_len());
+        let gue = self
+            .second_chance_hops(packet)
+            .map(|hops| GueHops::expected(packet.src.is_ipv4(), hash, packet.ip_len(), hops));
+        let gue_len = gue.as_ref().map_or(0, GueHops::header_len);
         let outer = match (backend, packet.src) {
             (IpAddr::V4(dst), IpAddr::V4(_)) => OuterHeader::V4 {
                 ihl: 5,
                 tos: packet.tos,
-                total_len: (packet.ip_len() + IPV4_HEADER_LEN) as u16,
+                total_len: (packet.ip_len() + IPV4_HEADER_LEN + gue_len) as u16,
                 identification: 0,
                 dont_fragment: packet.dont_fragment,
                 more_fragments: false,
                 fragment_offset: 0,
                 ttl: OUTER_TTL,
-                protocol: IPPROTO_IPIP,
+                protocol: if gue.is_some() { IPPROTO_UDP } else { IPPROTO_IPIP },
                 checksum_valid: true,
                 src: self.host.source_v4.unwrap_or_else(|| synthetic_source_v4(hash)),
                 dst,
@@ -155,8 +165,8 @@ impl Harness {
             (IpAddr::V6(dst), IpAddr::V6(_)) => OuterHeader::V6 {
                 traffic_class: packet.tos,
                 flow_label: hash & 0xf_ffff,
-                payload_len: packet.ip_len() as u16,
-                next_header: IPPROTO_IPV6,
+                payload_len: (packet.ip_len() + gue_len) as u16,
+                next_header: if gue.is_some() { IPPROTO_UDP } else { IPPROTO_IPV6 },
                 hop_limit: OUTER_TTL,
                 src: self.host.source_v6.unwrap_or_else(|| synthetic_source_v6(hash)),
                 dst,
@@ -170,8 +180,29 @@ impl Harness {
             vlan: packet.vlan,
             ether_type,
             outer,
+            gue,
             inner,
         }
+    }
+
+    /// The hops of `packet`'s second-chance packet, if the rules send it in GUE: a TCP packet
+    /// other than a SYN (SYN set, ACK clear) whose table slot has a lineage.
+    pub fn second_chance_hops(&self, packet: &Packet) -> Option<Vec<IpAddr>> {
+        let Transport::Tcp { flags, .. } = packet.transport else { return None };
+        if flags.syn && !flags.ack {
+            return None;
+        }
+        self.slot_hops(packet)
+    }
+
+    /// The previous owners of the table slot `packet`'s flow hashes to, if it changed owner.
+    pub fn slot_hops(&self, packet: &Packet) -> Option<Vec<IpAddr>> {
+        let (_, dport) = packet.ports();
+        let meta = self.generation.find_vip(packet.dst, dport, packet.protocol())?;
+        let slot = meta.table_offset + table_slot(packet.flow_hash(&self.generation), meta.table_size);
+        let lineage = self.generation.lineage.get(&slot)?;
+        let family = if packet.dst.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 };
+        Some(lineage.hops[..lineage.hop_count as usize].iter().map(|&hop| words_addr(hop, family)).collect())
     }
 
     /// Runs `packet` and asserts `XDP_TX` with exactly the expected encapsulation, field by

@@ -27,7 +27,7 @@ pub mod regressions;
 pub mod scenarios;
 
 pub use differential::{Case, Differential, Divergence};
-pub use encapsulated::{Encapsulated, OuterHeader};
+pub use encapsulated::{Encapsulated, GueHops, OuterHeader};
 pub use harness::{synthetic_source_v4, synthetic_source_v6, CounterDelta, Harness, Verdict};
 pub use mutate::*;
 pub use packet::{arp_request_frame, qinq_frame, Packet, TcpFlags, Transport, VlanTag};
@@ -75,6 +75,7 @@ pub fn action_name(action: u32) -> &'static str {
 pub const OUTER_TTL: u8 = 64;
 const IPPROTO_IPIP: u8 = 4;
 const IPPROTO_IPV6: u8 = 41;
+const IPPROTO_UDP: u8 = 17;
 
 /// Host parameters of the tests: the MACs above, synthetic outer sources, `mtu`.
 pub fn host_params(mtu: u32) -> HostParams {

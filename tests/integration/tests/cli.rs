@@ -17,7 +17,9 @@ use ballast::generation::config::EXAMPLE_CONFIG;
 use ballast_test_support::{pin_root, require_root, run, wait_until};
 use ballast_tests::cli::{exit, tree, Netns, RunningStatus, Workspace, SOME_GATEWAY_MAC};
 use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, PacketBuilder};
-use lb_common::maps::{Backend, MaglevChunk, CONFIG_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_MAGLEV, MAP_VIPS};
+use lb_common::maps::{
+    Backend, Lineage, MaglevChunk, CONFIG_MAPS, MAGLEV_CHUNK_LEN, MAP_BACKENDS, MAP_LINEAGES, MAP_MAGLEV, MAP_VIPS,
+};
 use lb_common::vip_index::VipSlot;
 
 /// The interface ballast attaches to in the single-namespace tests; its veth peer is `PEER_IF`.
@@ -118,6 +120,7 @@ fn try_write_config_map(name: &str, map: &mut Map) -> Result<(), MapError> {
         MAP_VIPS => Array::<_, VipSlot>::try_from(map)?.set(0, VipSlot::default(), 0),
         MAP_BACKENDS => Array::<_, Backend>::try_from(map)?.set(0, Backend::default(), 0),
         MAP_MAGLEV => Array::<_, MaglevChunk>::try_from(map)?.set(0, [0; MAGLEV_CHUNK_LEN], 0),
+        MAP_LINEAGES => Array::<_, Lineage>::try_from(map)?.set(0, Lineage::default(), 0),
         other => panic!("unexpected config map {other}"),
     }
 }

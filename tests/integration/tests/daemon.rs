@@ -404,3 +404,56 @@ fn a_failed_health_swap_is_retried() -> anyhow::Result<()> {
     f.stop_daemon()?;
     Ok(())
 }
+
+/// (8) Second chance through the daemon: a reload that adds a backend swaps in a generation
+/// with lineage (built after what runs); a backend whose checks fail leaves in one whose
+/// lineage names it dead (never a hop); `drain_period_s` after the last lineage went in, the
+/// settled generation (the config's plain build) takes over, audited as `settle`.
+#[test]
+fn lineage_generations_exclude_the_dead_and_settle_after_the_drain_period() -> anyhow::Result<()> {
+    const DRAIN: u64 = 3;
+    let Some(mut f) = Fixture::new(&SETUP, "settle", 4, &[1, 2, 3])? else { return Ok(()) };
+    let with_drain = |backends: &[usize]| format!("{}drain_period_s = {DRAIN}\n", daemon_config(backends));
+    f.write_config(&with_drain(&[1, 2, 3]))?;
+    f.start_daemon(&[])?;
+    assert!(f.status()?["lineage"].is_null(), "the first generation has no predecessor");
+
+    f.write_config(&with_drain(&[1, 2, 3, 4]))?;
+    let (status, _) = wait_for_backends(&f, "b4 added by a reload", SLACK, &[1, 2, 3, 4])?;
+    let lineage = &status["lineage"];
+    assert!(lineage["slots_with_hops"].as_u64().unwrap_or(0) > 0, "a reload that moves flows keeps hops: {status:#}");
+    assert_eq!(f.metrics()?.value("ballast_lineage_slots", &[]), lineage["slots_with_hops"].as_f64());
+    let first = entries(&f.history()?, "start").first().map(|e| e["to"].clone()).context("no start entry")?;
+    assert_eq!(lineage["predecessors"][0], first, "built after what ran");
+
+    f.lab.stop_server(2)?;
+    let (status, _) = wait_for_backends(&f, "b2 removed", removal_deadline(), &[1, 3, 4])?;
+    let dead: Vec<String> = status["lineage"]["dead"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str().map(String::from))
+        .collect();
+    for (name, _, vip) in vips() {
+        let b2 = format!("{name} {}", backend_address(2, vip));
+        assert!(dead.contains(&b2), "{b2} failed its checks: it must be named dead, never a hop: {dead:?}");
+    }
+
+    let (settled, took) = wait_for("the settled generation", ms(DRAIN * 1000) + SLACK, || {
+        Ok(f.history().ok().and_then(|h| entries(&h, "settle").last().map(|e| e["to"].clone())))
+    })?;
+    let status = f.status()?;
+    assert!(status["lineage"].is_null(), "settled: no lineage left: {status:#}");
+    assert_eq!(f.metrics()?.value("ballast_lineage_slots", &[]), Some(0.0));
+    assert_eq!(status["generation"], settled);
+    // The settled generation is the plain build of what the daemon serves.
+    let served = lab::config_with(|_, _| vec![(1, 1), (3, 1), (4, 1)], "");
+    let plain = ballast::generation::artifact::Artifact::build(
+        &ballast::generation::config::Config::from_toml_str(&served)?,
+        ballast::generation::program::LOAD_BALANCER,
+    )?;
+    assert_eq!(settled.as_str(), Some(plain.digest_string().as_str()));
+    eprintln!("settle: hops kept across a reload and a health swap, settled {took:?} after the drain period began");
+    f.stop_daemon()?;
+    Ok(())
+}

@@ -3,6 +3,9 @@
 //! must agree on the verdict, the output bytes (so the backend) and, per batch, every counter.
 //! No divergence and no XDP_ABORTED is allowed.
 //!
+//! Lineage generations (built with `Artifact::build_after`, slots that changed owner) get half
+//! as many again, with every TCP flags byte to changed and unchanged slots.
+//!
 //! CI runs 1,000,000 frames with a fixed seed. Longer or other runs:
 //! `BALLAST_FUZZ_FRAMES=N BALLAST_FUZZ_SEED=S cargo test -p ballast-tests --test fuzz -- --nocapture`
 //! (or `cargo xtask fuzz --frames N --seed S`). A divergence prints its reproducer and is
@@ -11,23 +14,31 @@
 //! Needs root; skips without it unless CI is set.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::time::{Duration, Instant};
 
+use ballast::generation::config::Config;
+use ballast::generation::lineage::LineageOptions;
 use ballast_test_support::{fixture, require_root};
 use ballast_tests::differential::{
-    Case, Differential, Divergence, MIN_FRAME_LEN, TEST_RUN_LINEAR_LIMIT, TEST_RUN_MAX_FRAME,
+    host_view, model_decision, Case, Differential, Divergence, MIN_FRAME_LEN, TEST_RUN_LINEAR_LIMIT, TEST_RUN_MAX_FRAME,
 };
 use ballast_tests::fuzz_frames::{frame_rng, FrameFuzzer};
 use ballast_tests::regressions::{load_all, regressions_dir, Reproducer};
 use ballast_tests::scenarios::{fixed_scenarios, random_scenario, Scenario};
 use ballast_tests::*;
 use lb_common::maps::Reason;
+use lb_common::model::GenerationView;
 
 const DEFAULT_FRAMES: u64 = 1_000_000;
 const DEFAULT_SEED: u64 = 0xba11_a57f_0220;
 /// Frames between two looks at the counters (a look reads ~20,000 per-CPU counters).
 const BATCH: u64 = 10_000;
+/// Mixed into the seed of the lineage run, so that it writes other frames than the random run.
+const LINEAGE_SEED: u64 = 0x11e4_a9e5;
+/// Frames of each lineage generation whose paths are counted.
+const PATH_SAMPLE: u64 = 20_000;
 /// Random generations besides the fixed ones, per million frames (at least 4).
 const RANDOM_SCENARIOS_PER_MILLION: u64 = 4;
 /// At most this many divergences are printed and saved per run.
@@ -91,11 +102,25 @@ impl Tally {
     }
 }
 
-/// Runs frames `first..first + count` of the run seeded `seed` through `scenario`. A second
-/// thread writes the next batch while this one runs the current one.
+/// Runs frames `first..first + count` of the run seeded `seed` through `scenario`.
 fn fuzz_scenario(scenario: &Scenario, seed: u64, first: u64, count: u64, tally: &mut Tally) {
     let differential = Differential::load(&scenario.config, scenario.host.clone())
         .unwrap_or_else(|e| panic!("loading scenario {}: {e:#}\n{}", scenario.name, scenario.config));
+    fuzz_generation(&differential, scenario, seed, first, count, FrameFuzzer::frame, tally);
+}
+
+/// Runs frames `first..first + count` of the run seeded `seed`, as `write` writes them,
+/// through `differential` (`scenario`'s generation). A second thread writes the next batch
+/// while this one runs the current one.
+fn fuzz_generation(
+    differential: &Differential,
+    scenario: &Scenario,
+    seed: u64,
+    first: u64,
+    count: u64,
+    write: fn(&FrameFuzzer, u64, u64) -> Vec<u8>,
+    tally: &mut Tally,
+) {
     let fuzzer = FrameFuzzer::new(&differential.lb.generation, scenario.host.mtu);
     let (sender, batches) = sync_channel::<Vec<Case>>(1);
     std::thread::scope(|scope| {
@@ -104,7 +129,7 @@ fn fuzz_scenario(scenario: &Scenario, seed: u64, first: u64, count: u64, tally: 
                 let cases = (start..(start + BATCH).min(first + count))
                     .map(|index| Case {
                         origin: format!("fuzz seed {seed:#x} frame #{index}"),
-                        frame: fuzzer.frame(seed, index),
+                        frame: write(&fuzzer, seed, index),
                     })
                     .collect();
                 if sender.send(cases).is_err() {
@@ -113,7 +138,7 @@ fn fuzz_scenario(scenario: &Scenario, seed: u64, first: u64, count: u64, tally: 
             }
         });
         let started = Instant::now();
-        let waited = compare_batches(&differential, scenario, batches, tally);
+        let waited = compare_batches(differential, scenario, batches, tally);
         println!(
             "  {}: {count} frames in {:.1} s ({:.1} s of it waiting for frames)",
             scenario.name,
@@ -148,15 +173,19 @@ fn compare_batches(
     }
 }
 
-/// Prints and saves (as `regressions/found-*.json`, a random scenario's config as its fixture)
-/// the first divergences; panics if any.
-fn report_divergences(divergences: &[(Scenario, Divergence)]) {
+/// Prints and, with `save`, saves (as `regressions/found-*.json`, a random scenario's config
+/// as its fixture) the first divergences; panics if any.
+fn report_divergences(divergences: &[(Scenario, Divergence)], save: bool) {
     if divergences.is_empty() {
         return;
     }
     for (scenario, divergence) in divergences.iter().take(MAX_REPORTED) {
         let reproducer = reproducer_of(scenario, divergence);
-        let saved = scenario.save_fixture().and_then(|()| reproducer.save(&regressions_dir()));
+        let saved = if save {
+            scenario.save_fixture().and_then(|()| reproducer.save(&regressions_dir()))
+        } else {
+            Err(anyhow::anyhow!("not saved: a reproducer names a generation without lineage"))
+        };
         println!(
             "DIVERGENCE in scenario {} (host {:?}):\n{divergence}\nconfig:\n{}\nsaved: {saved:?}\n",
             scenario.name, scenario.host, scenario.config
@@ -207,7 +236,7 @@ fn random_and_mutated_frames_agree_with_the_model() {
         tally.kernel_time.as_secs_f64()
     );
     tally.print_reasons();
-    report_divergences(&tally.divergences);
+    report_divergences(&tally.divergences, true);
     if frames >= 100_000 {
         let never_expected = [Reason::DropEncapFailed.name(), Reason::DropTableMiss.name()];
         let missed: Vec<&str> = Reason::ALL
@@ -216,6 +245,97 @@ fn random_and_mutated_frames_agree_with_the_model() {
             .filter(|r| !never_expected.contains(r) && !tally.reasons.contains_key(r))
             .collect();
         assert!(missed.is_empty(), "the fuzzer never produced {missed:?}: it no longer covers every rule");
+    }
+}
+
+/// Two predecessors of `config_toml`, oldest first: without each VIP's last backend (or,
+/// where that leaves no weight, with that backend at another address), then with each VIP's
+/// first backend 2 heavier. A generation built after them has slots that changed owner once
+/// (a backend joined, a weight went back) or twice.
+fn predecessors(config_toml: &str) -> Vec<Config> {
+    let config = Config::from_toml_str(config_toml).unwrap_or_else(|e| panic!("{e}\n{config_toml}"));
+    let mut older = config.clone();
+    for vip in &mut older.vips {
+        let (last, others) = vip.backends.split_last_mut().unwrap_or_else(|| unreachable!("a VIP has backends"));
+        if others.iter().any(|b| b.weight > 0) {
+            vip.backends.pop();
+        } else {
+            last.address = match last.address {
+                IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) ^ 0x80)),
+                IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) ^ 0x8000)),
+            };
+        }
+    }
+    let mut heavier = config;
+    for vip in &mut heavier.vips {
+        vip.backends[0].weight += 2;
+    }
+    vec![older, heavier]
+}
+
+/// The paths the model sends the first `count` frames of a lineage run on, by name.
+fn count_paths(differential: &Differential, scenario: &Scenario, seed: u64, count: u64, paths: &mut Tally) {
+    let fuzzer = FrameFuzzer::new(&differential.lb.generation, scenario.host.mtu);
+    let view = differential.view();
+    let plain = GenerationView::new(view.hash_seed, view.vips, view.backends, view.maglev);
+    let host = host_view(&differential.lb.host);
+    for index in 0..count {
+        let frame = fuzzer.second_chance_frame(seed, index);
+        let decision = model_decision(&view, &host, &frame);
+        let path = match decision.forwarded {
+            Some(forwarded) if forwarded.second_chance => "gue_to_a_changed_slot",
+            Some(forwarded) if forwarded.selection.lineage.is_some() => "ipip_to_a_changed_slot",
+            Some(_) => "ipip_to_an_unchanged_slot",
+            None if decision.reason == Reason::DropTooBig
+                && model_decision(&plain, &host, &frame).reason == Reason::Forwarded =>
+            {
+                "too_big_for_gue_only"
+            }
+            None => continue,
+        };
+        *paths.reasons.entry(path).or_default() += 1;
+    }
+}
+
+/// Lineage generations: each scenario's config built after [`predecessors`], through
+/// `Artifact::build_after`, as `ballast swap` builds them; frames as the random run's, and
+/// every other one to a VIP with each TCP flags byte in turn (or UDP), to changed and
+/// unchanged slots. Half of `BALLAST_FUZZ_FRAMES`. Divergences are printed, not saved:
+/// a reproducer names the config of a generation without lineage.
+#[test]
+fn lineage_generations_agree_with_the_model() {
+    if !require_root("lineage_generations_agree_with_the_model") {
+        return;
+    }
+    let frames = env_number("BALLAST_FUZZ_FRAMES", DEFAULT_FRAMES) / 2;
+    let seed = env_number("BALLAST_FUZZ_SEED", DEFAULT_SEED) ^ LINEAGE_SEED;
+    let scenarios = scenarios(seed, 2);
+    println!("lineage fuzz: {frames} frames, seed {seed:#x}, {} generations", scenarios.len());
+    let share = frames.div_ceil(scenarios.len() as u64);
+    let (mut tally, mut paths) = (Tally::default(), Tally::default());
+    for scenario in &scenarios {
+        let differential = Differential::load_after(
+            &scenario.config,
+            &predecessors(&scenario.config),
+            &LineageOptions::default(),
+            scenario.host.clone(),
+        )
+        .unwrap_or_else(|e| panic!("loading scenario {} after its predecessors: {e:#}", scenario.name));
+        let changed = differential.lb.generation.lineage.len();
+        assert!(changed > 0, "{}: no slot changed owner", scenario.name);
+        println!("  {}: {changed} of {} slots changed owner", scenario.name, differential.lb.generation.maglev.len());
+        fuzz_generation(&differential, scenario, seed, 0, share, FrameFuzzer::second_chance_frame, &mut tally);
+        count_paths(&differential, scenario, seed, share.min(PATH_SAMPLE), &mut paths);
+    }
+    tally.print_reasons();
+    println!("paths (the first {PATH_SAMPLE} frames of each generation): {:?}", paths.reasons);
+    report_divergences(&tally.divergences, false);
+    if frames >= 100_000 {
+        for path in
+            ["gue_to_a_changed_slot", "ipip_to_a_changed_slot", "ipip_to_an_unchanged_slot", "too_big_for_gue_only"]
+        {
+            assert!(paths.reasons.contains_key(path), "the lineage fuzzer never took {path}");
+        }
     }
 }
 
@@ -243,7 +363,7 @@ fn every_truncation_agrees_with_the_model() {
     }
     println!("{} truncated frames", tally.frames);
     tally.print_reasons();
-    report_divergences(&tally.divergences);
+    report_divergences(&tally.divergences, true);
 }
 
 #[test]

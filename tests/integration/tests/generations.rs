@@ -176,13 +176,13 @@ impl Lab {
     }
 
     fn swap(&self, artifact: &Artifact) -> Output {
-        self.lb(&["swap", artifact.arg()])
+        self.lb(&["swap", artifact.arg(), "--lineage-depth", "0"])
     }
 
     fn rollback(&self, to: Option<&str>) -> Output {
         match to {
-            Some(digest) => self.lb(&["rollback", "--to", digest]),
-            None => self.lb(&["rollback"]),
+            Some(digest) => self.lb(&["rollback", "--lineage-depth", "0", "--to", digest]),
+            None => self.lb(&["rollback", "--lineage-depth", "0"]),
         }
     }
 
@@ -243,7 +243,7 @@ impl Lab {
 
     /// `ballast swap artifact` stopped at checkpoint `step`.
     fn paused_swap(&self, artifact: &Artifact, step: &str) -> anyhow::Result<Paused> {
-        let mut command = self.lb_command(&["swap", artifact.arg()]);
+        let mut command = self.lb_command(&["swap", artifact.arg(), "--lineage-depth", "0"]);
         command.env("BALLAST_TEST_PAUSE_AT", step);
         Paused::start(command, step)
     }
@@ -529,7 +529,7 @@ fn altered_artifacts_are_refused_and_change_nothing() -> anyhow::Result<()> {
         let path = lab.work.path("altered.bal");
         std::fs::write(&path, &bytes).expect("writing the altered artifact");
         let arg = path.to_str().expect("UTF-8");
-        let mut swap = lab.lb_command(&["swap", arg]);
+        let mut swap = lab.lb_command(&["swap", arg, "--lineage-depth", "0"]);
         // Got as far as the lock: not refused. It then pauses, and run's deadline ends it.
         swap.env("BALLAST_TEST_PAUSE_AT", "locked");
         // On the interface that runs nothing: only the refusal keeps the artifact off it.

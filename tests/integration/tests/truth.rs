@@ -128,7 +128,9 @@ impl Lab {
 
     /// `swap` and `rollback` must refuse a dead link, saying `ballast attach` replaces it.
     fn expect_swap_refused_as_dead(&self, artifact: &Artifact) {
-        for out in [self.lb(&["swap", artifact.arg()]), self.lb(&["rollback"])] {
+        for out in
+            [self.lb(&["swap", artifact.arg(), "--lineage-depth", "0"]), self.lb(&["rollback", "--lineage-depth", "0"])]
+        {
             assert_eq!(out.code(), Some(exit::NOT_ATTACHED), "{out}");
             assert!(out.stderr.contains("is dead") && out.stderr.contains("`ballast attach"), "{out}");
         }
@@ -373,16 +375,16 @@ fn a_program_that_is_not_ballasts_own_is_flagged_and_refused_unless_allowed() ->
     assert_eq!(lab.lb(&["status"]).code(), Some(exit::NOT_ATTACHED), "nothing was attached");
 
     lab.attach(&own).expect_success();
-    let out = lab.lb(&["swap", foreign.arg()]);
+    let out = lab.lb(&["swap", foreign.arg(), "--lineage-depth", "0"]);
     assert_eq!(out.code(), Some(exit::ARTIFACT), "{out}");
     assert!(out.stderr.contains("--allow-foreign-program"), "{out}");
-    lab.lb(&["swap", foreign.arg(), "--allow-foreign-program"]).expect_success();
+    lab.lb(&["swap", foreign.arg(), "--allow-foreign-program", "--lineage-depth", "0"]).expect_success();
     // Same code, other bytes: the instructions are what the recorded artifact loads to.
     lab.expect_verified();
-    lab.lb(&["rollback"]).expect_success();
-    let out = lab.lb(&["rollback", "--to", &foreign.digest]);
+    lab.lb(&["rollback", "--lineage-depth", "0"]).expect_success();
+    let out = lab.lb(&["rollback", "--lineage-depth", "0", "--to", &foreign.digest]);
     assert_eq!(out.code(), Some(exit::ARTIFACT), "rolling back to a foreign program needs the flag too: {out}");
-    lab.lb(&["rollback", "--to", &foreign.digest, "--allow-foreign-program"]).expect_success();
+    lab.lb(&["rollback", "--lineage-depth", "0", "--to", &foreign.digest, "--allow-foreign-program"]).expect_success();
 
     // attach with the flag, once the interface is free.
     lab.lb(&["detach"]).expect_success();
@@ -415,7 +417,8 @@ fn verify_catches_a_running_program_whose_instructions_are_not_the_recorded_arti
         generation.vip_index.seed = u32::from_ne_bytes(running.global("VIP_INDEX_SEED").unwrap().try_into().unwrap());
         generation.backends = tables.backends;
         generation.maglev = tables.maglev;
-        let impostor = BallastArtifact { generation, program: impostor_program, digest: running.digest.unwrap() };
+        let impostor =
+            BallastArtifact { generation, program: impostor_program, digest: running.digest.unwrap(), lineage: None };
         let mut loaded = LoadedGeneration::load_artifact(&impostor, &running.host().unwrap(), None).unwrap();
         loaded.replace_on(FdLink::from(PinnedLink::from_pin(&pin).unwrap())).unwrap();
     });
@@ -445,7 +448,7 @@ fn swap_adopts_a_generation_running_without_a_record_and_keeps_its_counters() ->
     std::fs::remove_dir_all(lab.work.state_dir()).unwrap();
     let out = lab.attach(&first);
     assert!(out.refused() && out.stderr.contains("ballast swap"), "attach on a live generation says swap: {out}");
-    let out = lab.lb(&["swap", second.arg()]).expect_success();
+    let out = lab.lb(&["swap", second.arg(), "--lineage-depth", "0"]).expect_success();
     assert!(out.stdout.contains(&format!("adopted {}", first.digest)), "{out}");
     lab.expect_verified();
     assert!(vip_packets(&lab.status_json()?) >= counted, "the VIP kept its counter slot");
@@ -466,18 +469,18 @@ fn swap_and_rollback_adopt_past_a_corrupt_or_missing_record() -> anyhow::Result<
     let first = lab.build("first", &one_vip()?);
     let second = lab.build("second", &one_vip_two_backends()?);
     lab.attach(&first).expect_success();
-    lab.lb(&["swap", second.arg()]).expect_success();
+    lab.lb(&["swap", second.arg(), "--lineage-depth", "0"]).expect_success();
 
     std::fs::write(lab.record_path(), "{ this is not a record").unwrap();
     let out = lab.lb(&["verify"]);
     assert!(out.refused() && out.stdout.contains("FAIL record") && out.stdout.contains("unreadable"), "{out}");
-    let out = lab.lb(&["swap", first.arg()]).expect_success();
+    let out = lab.lb(&["swap", first.arg(), "--lineage-depth", "0"]).expect_success();
     assert!(out.stdout.contains("adopted") && out.stdout.contains("unreadable"), "{out}");
     lab.expect_verified();
 
     // Record gone, artifacts kept: rollback adopts, and --to finds a kept generation.
     std::fs::remove_file(lab.record_path()).unwrap();
-    let out = lab.lb(&["rollback", "--to", &second.digest]).expect_success();
+    let out = lab.lb(&["rollback", "--lineage-depth", "0", "--to", &second.digest]).expect_success();
     assert!(out.stdout.contains("adopted"), "{out}");
     assert_eq!(lab.status_json()?["generation"], second.digest);
     lab.expect_verified();
@@ -536,7 +539,7 @@ fn swap_follows_the_interfaces_mac_and_mtu_and_changes_gateway_and_source() -> a
     assert_eq!(action, XDP_TX, "the running program still believes in the old MTU");
     assert_ne!(&out[6..12], &mac_bytes(new_mac)?, "and sends from the old MAC");
 
-    let out = lab.lb(&["swap", artifact.arg()]).expect_success();
+    let out = lab.lb(&["swap", artifact.arg(), "--lineage-depth", "0"]).expect_success();
     assert!(out.stdout.contains("MTU 1500 -> 1400"), "{out}");
     lab.expect_verified();
     assert_eq!(lab.test_run(&big)?.0, XDP_DROP, "too big now");
@@ -546,7 +549,8 @@ fn swap_follows_the_interfaces_mac_and_mtu_and_changes_gateway_and_source() -> a
     assert_eq!(&out[..6], &mac_bytes(&lab.gateway_mac)?, "to the recorded gateway");
 
     let gateway = "02:00:5e:10:00:99";
-    lab.lb(&["swap", artifact.arg(), "--gateway-mac", gateway, "--source", "10.200.0.1"]).expect_success();
+    lab.lb(&["swap", artifact.arg(), "--gateway-mac", gateway, "--source", "10.200.0.1", "--lineage-depth", "0"])
+        .expect_success();
     lab.expect_verified();
     let (action, out) = lab.test_run(&vip_frame(2002, 0))?;
     assert_eq!(action, XDP_TX);
@@ -554,8 +558,8 @@ fn swap_follows_the_interfaces_mac_and_mtu_and_changes_gateway_and_source() -> a
     assert_eq!(&out[ETHERNET_HEADER_LEN + 12..ETHERNET_HEADER_LEN + 16], &[10, 200, 0, 1], "from the fixed source");
     assert_eq!(lab.status_json()?["host"]["gateway_mac"], gateway);
     // A rollback keeps the host parameters and can change them too.
-    lab.lb(&["swap", lab.build("two", &one_vip_two_backends()?).arg()]).expect_success();
-    lab.lb(&["rollback", "--synthetic-source"]).expect_success();
+    lab.lb(&["swap", lab.build("two", &one_vip_two_backends()?).arg(), "--lineage-depth", "0"]).expect_success();
+    lab.lb(&["rollback", "--lineage-depth", "0", "--synthetic-source"]).expect_success();
     lab.expect_verified();
     let (_, out) = lab.test_run(&vip_frame(2003, 0))?;
     assert_eq!(&out[..6], &mac_bytes(gateway)?, "the gateway stays");
@@ -595,7 +599,7 @@ fn unusable_gateway_macs_are_refused_by_attach_and_swap() -> anyhow::Result<()> 
     }
     lab.attach(&artifact).expect_success();
     for mac in ["00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff", "01:80:c2:00:00:0e"] {
-        let out = lab.lb(&["swap", artifact.arg(), "--gateway-mac", mac]);
+        let out = lab.lb(&["swap", artifact.arg(), "--gateway-mac", mac, "--lineage-depth", "0"]);
         assert!(out.refused() && out.stderr.contains("--gateway-mac") && out.stderr.contains(mac), "{out}");
     }
     lab.expect_verified();
@@ -625,9 +629,9 @@ fn an_every_port_vip_on_a_host_address_is_refused_unless_allowed() -> anyhow::Re
         assert_eq!(lab.lb.xdp_program_id(LB_IF), None, "nothing attached");
     }
     lab.attach(&exact_port).expect_success();
-    let out = lab.lb(&["swap", on_lb.arg()]);
+    let out = lab.lb(&["swap", on_lb.arg(), "--lineage-depth", "0"]);
     assert!(out.refused() && out.stderr.contains("--allow-every-port-vip-on-host-address"), "{out}");
-    lab.lb(&["swap", on_lb.arg(), "--allow-every-port-vip-on-host-address"]).expect_success();
+    lab.lb(&["swap", on_lb.arg(), "--allow-every-port-vip-on-host-address", "--lineage-depth", "0"]).expect_success();
     lab.lb(&["detach"]).expect_success();
     lab.lb(&[
         "attach",

@@ -250,7 +250,7 @@ fn render_status(status: &LabStatus) -> String {
 pub enum LabCommand {
     /// Build the lab in network namespaces and attach a generation serving its VIPs with
     /// every backend; try it with e.g.
-    /// `ip netns exec bl-lab-cl bash -c 'cat </dev/tcp/192.0.2.10/80'`.
+    /// `ip netns exec bl-lab-cl bash -c 'exec 3<>/dev/tcp/192.0.2.10/80; echo >&3; cat <&3'`.
     Up {
         #[arg(long, default_value = "lab")]
         name: String,
@@ -291,7 +291,11 @@ pub fn run(command: LabCommand) -> anyhow::Result<()> {
                 print!("{output}");
             }
             print!("{}", status(&name, &binary()?)?);
-            println!("try: ip netns exec {} bash -c 'cat </dev/tcp/{VIP_V4}/{TCP_PORT}'", lab.namespace(Role::Client));
+            // The server answers a request line (any) with its name.
+            println!(
+                "try: ip netns exec {} bash -c 'exec 3<>/dev/tcp/{VIP_V4}/{TCP_PORT}; echo >&3; cat <&3'",
+                lab.namespace(Role::Client)
+            );
             lab.keep();
         }
         LabCommand::Down { name } => {

@@ -2,7 +2,7 @@
 //! ports, so that a flow (source address and port, VIP, protocol) can be sent again and
 //! compared, and predicted with the reference model.
 use std::collections::BTreeMap;
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 
-use super::{backend_name, client_address};
+use super::{backend_name, client_address, serve::REQUEST};
 use ballast::generation::{config::Protocol, Generation};
 use ballast::kernel::netns;
 
 /// A TCP connection must be set up and answered within this.
-const TCP_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const TCP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A UDP request must be answered within this: a reply must come for every request.
 pub const UDP_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a source port may still be held after its socket was closed (see [`when_port_free`]).
@@ -96,22 +96,34 @@ fn reply(flow: &Flow) -> Reply {
 /// Sends one request per flow from the client namespace `ns`, over `threads` threads;
 /// the replies in the order of `flows`.
 pub fn run(ns: &str, flows: &[Flow], threads: usize) -> anyhow::Result<Vec<Reply>> {
-    let chunk = flows.len().div_ceil(threads.max(1)).max(1);
+    on_threads_in(ns, flows, threads, reply)
+}
+
+/// `work` on each of `items`, over `threads` threads that entered the network namespace `ns`;
+/// the results in the order of `items`.
+pub(crate) fn on_threads_in<I: Sync, T: Send>(
+    ns: &str,
+    items: &[I],
+    threads: usize,
+    work: impl Fn(&I) -> T + Sync,
+) -> anyhow::Result<Vec<T>> {
+    let chunk = items.len().div_ceil(threads.max(1)).max(1);
+    let work = &work;
     std::thread::scope(|s| {
-        let workers: Vec<_> = flows
+        let workers: Vec<_> = items
             .chunks(chunk)
             .map(|part| {
-                s.spawn(move || -> anyhow::Result<Vec<Reply>> {
+                s.spawn(move || -> anyhow::Result<Vec<T>> {
                     netns::enter(ns)?;
-                    Ok(part.iter().map(reply).collect())
+                    Ok(part.iter().map(work).collect())
                 })
             })
             .collect();
-        let mut replies = Vec::with_capacity(flows.len());
+        let mut results = Vec::with_capacity(items.len());
         for worker in workers {
-            replies.extend(worker.join().map_err(|_| anyhow!("a client thread panicked"))??);
+            results.extend(worker.join().map_err(|_| anyhow!("a client thread panicked"))??);
         }
-        Ok(replies)
+        Ok(results)
     })
 }
 
@@ -157,10 +169,12 @@ impl Load {
     }
 }
 
-/// Connects from `source` (a fixed port) to `vip` and reads the answer to its end.
+/// Connects from `source` (a fixed port) to `vip`, sends one request and reads the answer
+/// to its end (the server closes after it).
 fn tcp_request(source: SocketAddr, vip: SocketAddr) -> anyhow::Result<String> {
     let mut stream = connect_from(source, vip)?;
     stream.set_read_timeout(Some(TCP_TIMEOUT)).context("setting the read timeout")?;
+    stream.write_all(REQUEST).with_context(|| format!("TCP {source} -> {vip}: sending the request"))?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).with_context(|| format!("TCP {source} -> {vip}: reading the answer"))?;
     Ok(answer)
@@ -179,7 +193,7 @@ fn udp_request(source: SocketAddr, vip: SocketAddr) -> anyhow::Result<String> {
 }
 
 /// A TCP connection from a fixed source port.
-fn connect_from(source: SocketAddr, vip: SocketAddr) -> anyhow::Result<TcpStream> {
+pub(crate) fn connect_from(source: SocketAddr, vip: SocketAddr) -> anyhow::Result<TcpStream> {
     when_port_free(|| try_connect_from(source, vip)).with_context(|| format!("TCP {source} -> {vip}: connecting"))
 }
 

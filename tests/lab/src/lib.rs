@@ -26,6 +26,7 @@
 mod cli;
 mod client;
 mod command;
+mod connections;
 pub mod demo;
 mod lock;
 mod record;
@@ -45,6 +46,7 @@ pub use ballast_test_support::{ballast_binary, lab_binary};
 pub use cli::{run, status, status_json, LabCommand};
 pub use client::{by_backend, failures, flows, Flow, Load, Reply, UDP_TIMEOUT};
 pub use command::in_netns;
+pub use connections::{Checked, Connections, Exchange, Outcome, EXCHANGE_TIMEOUT, REQUEST_LEN};
 pub use lock::LabInUse;
 pub use serve::{serve, ServeArgs, HEALTH_PATH};
 pub use teardown::{down, Teardown};
@@ -459,6 +461,21 @@ impl Lab {
             .collect()
     }
 
+    /// What every backend's decapsulator counts under `reason` (`ballast decap status
+    /// --json`, e.g. "forwarded"), summed.
+    pub fn decap_count(&self, reason: &str) -> anyhow::Result<u64> {
+        (1..=self.spec.backends)
+            .map(|i| {
+                let ns = self.namespace(Role::Backend(i));
+                let text = self.ballast(&["decap", "status", "--iface", BACKEND_IFACE, "--netns", &ns, "--json"])?;
+                let status: serde_json::Value = serde_json::from_str(&text).context("ballast decap status --json")?;
+                status["counters"][reason]
+                    .as_u64()
+                    .with_context(|| format!("the decapsulator of {} counts no {reason}: {status}", backend_label(i)))
+            })
+            .sum()
+    }
+
     /// `ballast status --json` of load balancer `k`.
     pub fn lb_status(&self, k: usize) -> anyhow::Result<serde_json::Value> {
         let target = self.lb_target(k);
@@ -470,6 +487,11 @@ impl Lab {
     /// One request per flow from the client; the replies in the order of `flows`.
     pub fn send(&self, flows: &[Flow]) -> anyhow::Result<Vec<Reply>> {
         client::run(&self.namespace(Role::Client), flows, CLIENT_THREADS)
+    }
+
+    /// Long-lived connections from the client, none open yet ([`Connections::open`]).
+    pub fn connections(&self) -> Connections {
+        Connections::new(&self.namespace(Role::Client), CLIENT_THREADS)
     }
 
     /// Continuous traffic over `flows` from the client until [`Load::stop`].

@@ -1,9 +1,10 @@
 //! `ballast lab serve` (hidden): a backend's real server. Bound to the VIPs on the backend's
-//! loopback, it answers every TCP connection with the backend's name and closes it, and every
+//! loopback, it answers every TCP request line with the backend's name (closing the
+//! connection after it unless the request asks to keep it open, [`KEEP_OPEN`]), and every
 //! UDP datagram with the name. The replies leave from the VIP straight to the client
 //! (direct server return): the load balancer never sees them. On the backend's own addresses
 //! it answers health checks (`ballast run`): an HTTP GET of [`HEALTH_PATH`] with 200.
-use std::io::{Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -17,6 +18,17 @@ pub const READY: &str = "ready";
 pub const HEALTH_PATH: &str = "/health";
 /// A health check must send its request within this.
 const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// The request of a one-shot TCP connection: answered, then the server closes.
+pub const REQUEST: &[u8] = b"who?\n";
+/// A TCP request line that starts with this is answered and the connection kept open for
+/// the next request: long-lived connections ([`crate::Connections`]).
+pub const KEEP_OPEN: &str = "who? keep open";
+/// Longest TCP request line (newline included) the server reads; a longer one ends the connection.
+pub(crate) const MAX_REQUEST_LEN: usize = 4096;
+/// A new connection must send its first request within this.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A kept connection may stay idle this long between requests (longer than any test holds one).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
@@ -69,14 +81,43 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes the name and closes: the server closes first, so the client's end of the flow is
-/// free again at once and the same source port can be used for the next connection.
+/// Each connection on a thread of its own: long-lived connections wait there for their next
+/// request while others come and go.
 fn answer_tcp(listener: &TcpListener, reply: &[u8]) {
     for stream in listener.incoming() {
-        let answered = stream.and_then(|mut stream| stream.write_all(reply));
-        if let Err(err) = answered {
+        let spawned = stream.and_then(|stream| {
+            let reply = reply.to_vec();
+            std::thread::Builder::new().spawn(move || {
+                if let Err(err) = answer_connection(&stream, &reply) {
+                    eprintln!("tcp: {err}");
+                }
+            })
+        });
+        if let Err(err) = spawned {
             eprintln!("tcp: {err}");
         }
+    }
+}
+
+/// Answers each request line with the name; after the last (one that does not start with
+/// [`KEEP_OPEN`]) the server closes first, so the client's end of the flow is free again at
+/// once and the same source port can be used for the next connection.
+fn answer_connection(mut stream: &TcpStream, reply: &[u8]) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(FIRST_REQUEST_TIMEOUT))?;
+    let mut requests = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        (&mut requests).take(MAX_REQUEST_LEN as u64).read_until(b'\n', &mut line)?;
+        if !line.ends_with(b"\n") {
+            // The client closed, or sent no line of a length we read.
+            return Ok(());
+        }
+        stream.write_all(reply)?;
+        if !line.starts_with(KEEP_OPEN.as_bytes()) {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     }
 }
 

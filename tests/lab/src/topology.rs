@@ -3,11 +3,15 @@
 //! server right after it is spawned, so that `down` undoes a partial build.
 use std::fmt::Display;
 use std::io::{BufRead as _, BufReader};
+use std::net::IpAddr;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _};
 use ballast_test_support::NetNs;
+use lb_common::{encap::GueOuterV6, maps::MAX_HOPS};
+
+use ballast::generation::address::format_mac;
 
 use super::command::{exec_in, in_netns, ip_in};
 use super::serve::READY;
@@ -16,14 +20,17 @@ use super::{
     TCP_PORT, UDP_PORT, VIP_V4, VIP_V6,
 };
 
+const CLIENT_MTU: u32 = 1500;
 /// Inside the lab, links toward load balancers and backends carry the outer header on top of
-/// a full-size client packet (IPv6 in IPv6: 40 bytes), as a fabric with a larger MTU would.
-const FABRIC_MTU: &str = "1600";
-const CLIENT_MTU: &str = "1500";
+/// a full-size client packet, as a fabric with a larger MTU would: the largest is a second
+/// chance's, IPv6 with GUE and MAX_HOPS hops (120 bytes; IP6IP6 takes 40).
+const FABRIC_MTU: u32 = CLIENT_MTU + std::mem::size_of::<GueOuterV6<MAX_HOPS>>() as u32;
 const BRIDGE: &str = "br0";
 const ROUTER_CLIENT_IFACE: &str = "cl0";
 const ROUTER_BACKENDS_V4: &str = "10.1.0.254";
 const ROUTER_BACKENDS_V6: &str = "fd00:1::fe";
+/// In the backends' subnet, nobody's.
+const UNUSED_BACKENDS_V4: &str = "10.1.0.253";
 const ROUTER_CLIENT_V4: &str = "10.100.0.1";
 const ROUTER_CLIENT_V6: &str = "fd00:100::1";
 
@@ -43,6 +50,11 @@ const ROUTER_SYSCTLS: &[&str] = &[
     "net.ipv4.fib_multipath_hash_policy=1",
     "net.ipv6.fib_multipath_hash_policy=1",
 ];
+
+/// A backend forwards on its interface (both families), and only there: `bpf_fib_lookup`,
+/// which its decapsulator asks for the next hop of a second-chance packet it sends on,
+/// refuses (BPF_FIB_LKUP_RET_FWD_DISABLED) on an interface that does not.
+const BACKEND_IFACE_SYSCTLS: &[&str] = &["net.ipv4.conf.eth0.forwarding=1", "net.ipv6.conf.eth0.forwarding=1"];
 
 /// The router's interface toward load balancer `k`.
 pub fn router_lb_iface(k: usize) -> String {
@@ -68,7 +80,7 @@ impl Lab {
         for i in 1..=self.spec.backends {
             self.backend(i)?;
         }
-        Ok(())
+        self.backend_neighbours()
     }
 
     /// Records the namespace, then creates it with its loopback up and `sysctls` (and
@@ -88,8 +100,9 @@ impl Lab {
     }
 
     /// A veth pair from the router (`router_iface`) to `iface` in `ns`.
-    fn wire(&self, router_iface: &str, ns: &str, iface: &str, mtu: &str) -> anyhow::Result<()> {
-        let router = self.namespace(Role::Router);
+    fn wire(&self, router_iface: &str, ns: &str, iface: &str, mtu: u32) -> anyhow::Result<()> {
+        let (router, mtu) = (self.namespace(Role::Router), mtu.to_string());
+        let mtu = mtu.as_str();
         ip_in(
             &router,
             &["link", "add", router_iface, "mtu", mtu, "type", "veth", "peer", "name", iface, "netns", ns, "mtu", mtu],
@@ -99,7 +112,7 @@ impl Lab {
 
     fn router(&mut self) -> anyhow::Result<()> {
         let ns = self.add_namespace(Role::Router, ROUTER_SYSCTLS)?;
-        ip_in(&ns, &["link", "add", BRIDGE, "mtu", FABRIC_MTU, "type", "bridge"])?;
+        ip_in(&ns, &["link", "add", BRIDGE, "mtu", &FABRIC_MTU.to_string(), "type", "bridge"])?;
         configure(&ns, BRIDGE, &subnets(ROUTER_BACKENDS_V4, ROUTER_BACKENDS_V6))
     }
 
@@ -113,8 +126,8 @@ impl Lab {
     }
 
     /// Load balancer `k`: one interface toward the router, where ballast attaches later
-    /// (one-arm). The router's side runs ballast's decapsulator for an address nobody uses,
-    /// so it passes everything: veth delivers XDP_TX frames only to a peer that runs XDP.
+    /// (one-arm), which sends its packets back with XDP_TX: the router's side runs a
+    /// pass-through XDP program.
     fn load_balancer(&mut self, k: usize) -> anyhow::Result<()> {
         let ns = self.add_namespace(Role::Lb(k), &[])?;
         let (router, router_iface) = (self.namespace(Role::Router), router_lb_iface(k));
@@ -122,8 +135,15 @@ impl Lab {
         configure(&router, &router_iface, &subnets(router_lb_v4(k), router_lb_v6(k)))?;
         configure(&ns, LB_IFACE, &subnets(lb_v4(k), lb_v6(k)))?;
         default_routes(&ns, &router_lb_v4(k), &router_lb_v6(k))?;
-        let unused = format!("10.100.{k}.254");
-        self.ballast.run(&["decap", "attach", "--iface", &router_iface, "--address", &unused, "--netns", &router])?;
+        self.pass_through_xdp(&router_iface, &format!("10.100.{k}.254"))
+    }
+
+    /// Ballast's decapsulator on the router's interface `router_iface`, for `unused`, an
+    /// address nobody has: it passes everything. veth delivers the frames its peer sends with
+    /// XDP_TX only to an interface that runs XDP.
+    fn pass_through_xdp(&self, router_iface: &str, unused: &str) -> anyhow::Result<()> {
+        let router = self.namespace(Role::Router);
+        self.ballast.run(&["decap", "attach", "--iface", router_iface, "--address", unused, "--netns", &router])?;
         Ok(())
     }
 
@@ -145,19 +165,55 @@ impl Lab {
     }
 
     /// Backend `i`: on the router's backend bridge, the VIPs on its loopback, ballast's
-    /// decapsulator on its interface (for its own addresses) and its server.
+    /// decapsulator on its interface (for its own addresses) and its server. The decapsulator
+    /// sends a second-chance packet on to another backend with XDP_TX: the router's side of
+    /// its link runs a pass-through XDP program, and the bridge carries the frame on.
     fn backend(&mut self, i: usize) -> anyhow::Result<()> {
         let ns = self.add_namespace(Role::Backend(i), &[])?;
         let (router, router_iface) = (self.namespace(Role::Router), format!("b{i}"));
         self.wire(&router_iface, &ns, BACKEND_IFACE, FABRIC_MTU)?;
         ip_in(&router, &["link", "set", &router_iface, "master", BRIDGE])?;
         configure(&router, &router_iface, &[])?;
+        self.pass_through_xdp(&router_iface, UNUSED_BACKENDS_V4)?;
+        exec_in(&ns, &[&["sysctl", "-q", "-w"], BACKEND_IFACE_SYSCTLS].concat())?;
         configure(&ns, BACKEND_IFACE, &subnets(backend_v4(i), backend_v6(i)))?;
         default_routes(&ns, ROUTER_BACKENDS_V4, ROUTER_BACKENDS_V6)?;
         add_address(&ns, "lo", &format!("{VIP_V4}/32"))?;
         add_address(&ns, "lo", &format!("{VIP_V6}/128"))?;
         self.ballast.run(&["decap", "attach", "--iface", BACKEND_IFACE, "--netns", &ns])?;
         self.spawn_server(i)
+    }
+
+    /// Every backend knows every other's MAC: permanent neighbour entries, both families. A
+    /// decapsulator that sends a packet on to a previous owner takes the next hop's MAC from
+    /// `bpf_fib_lookup`, which only reads the neighbour table (XDP cannot resolve one); an
+    /// entry learned from traffic would be missing until the backends had talked, and could
+    /// age out between a test's steps. The MACs are known once every backend exists.
+    fn backend_neighbours(&self) -> anyhow::Result<()> {
+        let backends = 1..=self.spec.backends;
+        let macs = backends
+            .clone()
+            .map(|i| {
+                in_netns(&self.namespace(Role::Backend(i)), || {
+                    Ok(format_mac(&ballast::kernel::sys::interface_info(BACKEND_IFACE)?.mac))
+                })
+            })
+            .collect::<anyhow::Result<Vec<String>>>()?;
+        for i in backends.clone() {
+            let mut batch = String::new();
+            for (j, mac) in backends.clone().zip(&macs).filter(|(j, _)| *j != i) {
+                for address in [IpAddr::from(backend_v4(j)), backend_v6(j).into()] {
+                    batch += &format!("neigh replace {address} lladdr {mac} dev {BACKEND_IFACE} nud permanent\n");
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            // One `ip` for all of a backend's entries (a 64-backend lab has 126 per backend).
+            let path = self.write_file(&format!("neighbours-{}.batch", super::backend_label(i)), &batch)?;
+            ip_in(&self.namespace(Role::Backend(i)), &["-batch", &path.display().to_string()])?;
+        }
+        Ok(())
     }
 
     /// Spawns `ballast-lab serve` for backend `i`, records it, and waits until it listens:

@@ -14,6 +14,8 @@
 //! - Test configs, once: [`fixture`] reads `tests/fixtures/NAME.toml` by name,
 //!   [`fixture_path`] names the file (to hand to `ballast build` / `attach`).
 //! - [`wait_until`]: polling with a limit. [`TempDir`]: a directory removed on drop.
+//! - [`tcp`]: real TCP for what a backend decides by: a connection from a chosen address,
+//!   whole segments, raw sockets, the SYN cookie a listener sends.
 //!
 //! Errors are `anyhow::Error` whose text says what was run and what it printed.
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use anyhow::{anyhow, Context as _};
 
 mod command;
 mod netns;
+pub mod tcp;
 
 pub use command::{ip, run, run_with_timeout, Output, DEFAULT_TIMEOUT};
 pub use netns::{remove_namespace, remove_stale_namespaces, NetNs, NETNS_DIR};

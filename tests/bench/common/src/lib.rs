@@ -119,6 +119,7 @@ pub const PROGRAM_SINK: &str = "bench_sink";
 pub const PROGRAM_BASELINE: &str = "baseline";
 pub const PROGRAM_HELPER_CALL: &str = "helper_call";
 pub const PROGRAM_ENCAP_FLOOR: &str = "encap_floor";
+pub const PROGRAM_GUE_FLOOR: &str = "gue_floor";
 pub const PROGRAM_XDP_DROP: &str = "xdp_drop";
 
 /// The two objects, as ballast-bench-ebpf's bins are named (and as the bench's build script

@@ -9,6 +9,8 @@
 //!   head grown by an outer header (`bpf_xdp_adjust_head`), the MACs swapped and the outer
 //!   header built and written as ballast does it (lb_ebpf::push, lb_common::encap). No VIP
 //!   lookup, no flow hash, no table, no counters: ballast minus this is what its decisions cost.
+//! - `gue_floor`: the same with a second-chance packet's outer header (UDP, GUE, one hop: the
+//!   packet's own source), built as ballast builds it (lb_common::encap::gue_outer_v4/_v6).
 //! - `xdp_drop`: returns `XDP_DROP` and touches nothing; the bench harness tail-calls it to
 //!   measure its own overhead, which is subtracted from every figure.
 //!
@@ -23,7 +25,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    encap::{ip6ip6_outer_header, ipip_outer_header},
+    encap::{gue_outer_v4, gue_outer_v6, ip6ip6_outer_header, ipip_outer_header},
     maps::eth_address_words,
     wire::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6},
 };
@@ -56,12 +58,32 @@ pub fn helper_call(ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn encap_floor(ctx: XdpContext) -> u32 {
-    let Some(l2) = parse_l2(&ctx) else { return XDP_PASS };
+    push_floor(
+        &ctx,
+        |ip| ipip_outer_header(ip, ip.saddr, ip.daddr),
+        |ip| ip6ip6_outer_header(ip, ip.saddr, ip.daddr, 0),
+    )
+}
+
+#[xdp]
+pub fn gue_floor(ctx: XdpContext) -> u32 {
+    push_floor(
+        &ctx,
+        |ip| gue_outer_v4::<1>(ip, ip.saddr, ip.daddr, 0, [ip.saddr]),
+        |ip| gue_outer_v6::<1>(ip, ip.saddr, ip.daddr, 0, [ip.saddr]),
+    )
+}
+
+/// The floors' common part: parse, then push the outer header `v4` or `v6` builds with the
+/// MACs swapped, and `XDP_TX`.
+#[inline(always)]
+fn push_floor<A, B>(ctx: &XdpContext, v4: impl FnOnce(&Ipv4Hdr) -> A, v6: impl FnOnce(&Ipv6Hdr) -> B) -> u32 {
+    let Some(l2) = parse_l2(ctx) else { return XDP_PASS };
     // The MACs swapped, as the three words push_outer stores.
     let macs = eth_address_words(l2.eth.src, l2.eth.dst);
-    let pushed = match parse_ip(&ctx, &l2) {
-        Some(Ip::V4(ip)) => push_outer(&ctx, &l2, macs, &ipip_outer_header(&ip, ip.saddr, ip.daddr)),
-        Some(Ip::V6(ip)) => push_outer(&ctx, &l2, macs, &ip6ip6_outer_header(&ip, ip.saddr, ip.daddr, 0)),
+    let pushed = match parse_ip(ctx, &l2) {
+        Some(Ip::V4(ip)) => push_outer(ctx, &l2, macs, &v4(&ip)),
+        Some(Ip::V6(ip)) => push_outer(ctx, &l2, macs, &v6(&ip)),
         None => return XDP_PASS,
     };
     if pushed {
