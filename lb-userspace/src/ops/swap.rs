@@ -375,12 +375,16 @@ fn after_current(
     artifact: &Artifact,
     options: Option<&LineageOptions>,
 ) -> crate::Result<(Option<Artifact>, Option<String>)> {
-    let running = record.current.as_deref().map(|digest| state.artifact(digest));
-    let derived = match (options, &artifact.lineage, running) {
-        // What runs is this generation already, with its lineage: it stays as it is.
-        (Some(_), None, Some(Ok(running))) if running.settled()?.digest == artifact.digest => Some(running),
-        (Some(options), None, Some(Ok(running))) => Some(artifact.after(&running, options)?),
+    // Read (and checked whole) only when a lineage is to be derived from it.
+    let running = match (options, &artifact.lineage) {
+        (Some(options), None) => record.current.as_deref().and_then(|d| state.artifact(d).ok()).map(|r| (options, r)),
         _ => None,
+    };
+    let derived = match running {
+        // What runs is this generation already, with its lineage: it stays as it is.
+        Some((_, running)) if running.settled()?.digest == artifact.digest => Some(running),
+        Some((options, running)) => Some(artifact.after(&running, options)?),
+        None => None,
     };
     let chosen = derived.as_ref().unwrap_or(artifact);
     let note = chosen.lineage.as_ref().map(|lineage| {
