@@ -34,6 +34,19 @@ pub struct HostParams {
     pub mtu: u32,
 }
 
+impl HostParams {
+    /// The reference model's view of these parameters.
+    pub fn view(&self) -> lb_common::model::HostView {
+        lb_common::model::HostView {
+            gateway_mac: self.gateway_mac,
+            iface_mac: self.iface_mac,
+            source_v4: self.source_v4.map(|a| a.octets()),
+            source_v6: self.source_v6.map(|a| a.octets()),
+            mtu: self.mtu,
+        }
+    }
+}
+
 pub struct LoadedGeneration {
     ebpf: Ebpf,
 }

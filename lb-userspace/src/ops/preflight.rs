@@ -13,7 +13,7 @@ use lb_common::{
     model,
     wire::{
         EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_HEADER_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP,
-        IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_HEADER_LEN, UDP_HEADER_LEN,
+        IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_ACK, TCP_HEADER_LEN, TCP_SYN, UDP_HEADER_LEN,
     },
 };
 
@@ -95,9 +95,41 @@ pub fn preflight(
             })?;
             packets += 1;
         }
+        // A generation with lineage: one ACK to a changed slot must leave in GUE with its
+        // hops, byte for byte as the model writes it.
+        if let Some(probe) = Probe::second_chance(vip, &view) {
+            let frame = probe.frame();
+            let expected = model::decide(&frame, &view, &host.view());
+            let (action, out) =
+                loaded.test_run(&frame).with_context(|| format!("pre-flight: running {}", probe.describe()))?;
+            if let Some(forwarded) = expected.forwarded {
+                let selection = forwarded.selection;
+                let inner_len = forwarded.ip_len as u64;
+                counted.count_forwarded(
+                    Reason::Forwarded as u32,
+                    selection.vip_index,
+                    selection.backend.counter_index,
+                    inner_len,
+                );
+            }
+            if action != XDP_TX || expected.output.as_deref() != Some(out.as_slice()) {
+                return Err(Error::PreflightFailed(format!(
+                    "pre-flight failed for VIP {}: {}: the program returned action {action} and not the GUE frame the \
+                     reference model writes ({:?})",
+                    describe(vip),
+                    probe.describe(),
+                    expected.reason
+                )));
+            }
+            packets += 1;
+        }
     }
     Ok(packets)
 }
+
+/// Source ports tried for a flow on a slot that changed owner (a lineage moves a few percent
+/// of the slots at least, or it would not be there).
+const SECOND_CHANCE_SEARCH: u16 = 4096;
 
 /// A synthetic client flow toward one VIP.
 struct Probe {
@@ -106,6 +138,8 @@ struct Probe {
     sport: u16,
     dport: u16,
     protocol: u8,
+    /// TCP's flags byte: a SYN, or an ACK for the second-chance probe.
+    tcp_flags: u8,
 }
 
 impl Probe {
@@ -117,7 +151,25 @@ impl Probe {
         };
         // A VIP of port 0 serves every port: try a different one per flow.
         let dport = if vip.port == 0 { 1024 + flow } else { vip.port };
-        Probe { src, dst: vip.address, sport: 40_000 + flow, dport, protocol: vip.protocol.number() }
+        Probe {
+            src,
+            dst: vip.address,
+            sport: 40_000 + flow,
+            dport,
+            protocol: vip.protocol.number(),
+            tcp_flags: TCP_SYN,
+        }
+    }
+
+    /// An ACK of a TCP VIP's flow whose slot carries hops, if one is found among a bounded
+    /// range of source ports: it must go out in GUE.
+    fn second_chance(vip: &VipConfig, view: &model::GenerationView<'_>) -> Option<Probe> {
+        if vip.protocol.number() != IPPROTO_TCP {
+            return None;
+        }
+        (0..SECOND_CHANCE_SEARCH)
+            .map(|port| Probe { sport: 1024 + port, tcp_flags: TCP_ACK, ..Probe::for_vip(vip, 0) })
+            .find(|probe| model::select(view, &probe.flow()).is_ok_and(|selection| selection.lineage.is_some()))
     }
 
     fn flow(&self) -> model::Flow {
@@ -127,7 +179,11 @@ impl Probe {
     fn describe(&self) -> String {
         format!(
             "{} packet {}:{} -> {}:{}",
-            if self.protocol == IPPROTO_TCP { "TCP SYN" } else { "UDP" },
+            match (self.protocol, self.tcp_flags) {
+                (IPPROTO_TCP, TCP_SYN) => "TCP SYN",
+                (IPPROTO_TCP, _) => "TCP ACK (second chance)",
+                _ => "UDP",
+            },
             self.src,
             self.sport,
             self.dst,
@@ -150,7 +206,7 @@ impl Probe {
                 0,
                 0,
                 (TCP_HEADER_LEN as u8 / 4) << 4,
-                0x02,
+                self.tcp_flags,
                 0xff,
                 0xff,
                 0,

@@ -27,17 +27,6 @@ pub const TEST_RUN_MAX_FRAME: usize = TEST_RUN_LINEAR_LIMIT + 17 * 4096;
 /// Shortest frame the kernel runs XDP on (an Ethernet header); shorter ones fail with EINVAL.
 pub const MIN_FRAME_LEN: usize = 14;
 
-/// The model's view of the host parameters.
-pub fn host_view(host: &HostParams) -> HostView {
-    HostView {
-        gateway_mac: host.gateway_mac,
-        iface_mac: host.iface_mac,
-        source_v4: host.source_v4.map(|a| a.octets()),
-        source_v6: host.source_v6.map(|a| a.octets()),
-        mtu: host.mtu,
-    }
-}
-
 /// The model's decision for `frame` as BPF_PROG_TEST_RUN delivers it: the program sees the
 /// linear part only, and whatever lies beyond stays behind the (possibly rewritten) head.
 pub fn model_decision(view: &GenerationView<'_>, host: &HostView, frame: &[u8]) -> Decision {
@@ -94,7 +83,7 @@ impl Differential {
 
     /// The generation `lb` loaded (a lineage generation, say), against the model.
     pub fn of_harness(lb: Harness) -> Differential {
-        let host = host_view(&lb.host);
+        let host = lb.host.view();
         Differential { lb, host }
     }
 

@@ -22,7 +22,7 @@ use ballast::generation::config::Config;
 use ballast::generation::lineage::LineageOptions;
 use ballast_test_support::{fixture, require_root};
 use ballast_tests::differential::{
-    host_view, model_decision, Case, Differential, Divergence, MIN_FRAME_LEN, TEST_RUN_LINEAR_LIMIT, TEST_RUN_MAX_FRAME,
+    model_decision, Case, Differential, Divergence, MIN_FRAME_LEN, TEST_RUN_LINEAR_LIMIT, TEST_RUN_MAX_FRAME,
 };
 use ballast_tests::fuzz_frames::{frame_rng, FrameFuzzer};
 use ballast_tests::regressions::{load_all, regressions_dir, Reproducer};
@@ -278,7 +278,7 @@ fn count_paths(differential: &Differential, scenario: &Scenario, seed: u64, coun
     let fuzzer = FrameFuzzer::new(&differential.lb.generation, scenario.host.mtu);
     let view = differential.view();
     let plain = GenerationView::new(view.hash_seed, view.vips, view.backends, view.maglev);
-    let host = host_view(&differential.lb.host);
+    let host = differential.lb.host.view();
     for index in 0..count {
         let frame = fuzzer.second_chance_frame(seed, index);
         let decision = model_decision(&view, &host, &frame);

@@ -108,6 +108,8 @@ fn swap_derives_from_what_runs_verify_proves_it_and_settle_ends_it() {
 
     let out = netns.ballast(&["swap", four.arg(), "--iface", LB_IF]).expect_success();
     assert!(out.stdout.contains("lineage:") && out.stdout.contains("slots changed owner"), "{out}");
+    // Pre-flight: four SYNs, and one ACK to a changed slot that must leave in GUE.
+    assert!(out.stdout.contains("pre-flight 5 packets ok"), "{out}");
     let running = status(&netns);
     let lineage = &running["lineage"];
     assert_eq!(lineage["predecessors"], serde_json::json!([three.digest]), "{running:#}");
