@@ -11,7 +11,10 @@
 //! tables are not stored: reading an artifact rebuilds them and recomputes the digest, so a
 //! flipped byte anywhere, or a table builder that changed, is a digest mismatch. Host
 //! parameters (interface, MACs, outer source) are not part of it: one artifact serves a fleet.
+use std::collections::BTreeMap;
 use std::path::Path;
+
+use lb_common::maps::Lineage;
 
 use super::{
     config::Config,
@@ -62,33 +65,33 @@ impl Artifact {
 
     /// This artifact's settled generation built after `previous`.
     pub fn after(&self, previous: &Artifact, options: &LineageOptions) -> crate::Result<Artifact> {
-        let record = lineage::derive(
+        let derived = lineage::derive(
             &self.generation,
             &previous.generation,
             &previous.digest_string(),
             previous.lineage.as_ref(),
             options,
         )?;
-        let mut generation = self.generation.clone();
-        generation.lineage.clear();
-        Self::assemble(generation, &self.program, record)
+        Self::assemble(self.generation.clone(), &self.program, derived)
     }
 
     /// The same config and program without lineage: what takes over after the drain period.
     pub fn settled(&self) -> crate::Result<Artifact> {
-        let mut generation = self.generation.clone();
-        generation.lineage.clear();
-        Self::assemble(generation, &self.program, None)
+        Self::assemble(self.generation.clone(), &self.program, None)
     }
 
-    fn assemble(mut generation: Generation, program: &[u8], lineage: Option<LineageRecord>) -> crate::Result<Artifact> {
-        generation.lineage = match &lineage {
-            Some(record) => lineage::slot_lineages(&generation, record)?,
-            None => Default::default(),
-        };
-        let record_json = lineage.as_ref().map(LineageRecord::to_canonical_json);
+    /// `generation` (its own lineage ignored) with `lineage`: the record and the slots' hops
+    /// it gives (`lineage::slot_lineages`).
+    fn assemble(
+        mut generation: Generation,
+        program: &[u8],
+        lineage: Option<(LineageRecord, BTreeMap<u32, Lineage>)>,
+    ) -> crate::Result<Artifact> {
+        let (record, slots) = lineage.unzip();
+        generation.lineage = slots.unwrap_or_default();
+        let record_json = record.as_ref().map(LineageRecord::to_canonical_json);
         let digest = generation_digest(&generation, program, record_json.as_deref());
-        Ok(Artifact { generation, program: program.to_vec(), digest, lineage })
+        Ok(Artifact { generation, program: program.to_vec(), digest, lineage: record })
     }
 
     pub fn digest_string(&self) -> String {
@@ -159,7 +162,15 @@ impl Artifact {
         };
         let rebuilt = config.as_ref().ok().and_then(|c| {
             let record = record.clone()?;
-            Self::assemble(Generation::build(c).ok()?, &program, record).ok()
+            let generation = Generation::build(c).ok()?;
+            let lineage = match record {
+                Some(record) => {
+                    let slots = lineage::slot_lineages(&generation, &record).ok()?;
+                    Some((record, slots))
+                }
+                None => None,
+            };
+            Self::assemble(generation, &program, lineage).ok()
         });
         let computed = rebuilt.as_ref().map(|a| a.digest);
         match (rebuilt, computed) {

@@ -92,7 +92,9 @@ fn owners_of(generation: &Generation, vip_index: usize) -> Option<Vec<IpAddr>> {
     let start = meta.table_offset as usize;
     let table = generation.maglev.get(start..start + meta.table_size as usize)?;
     let family = super::address::family(vip.address);
-    table.iter().map(|&b| Some(words_addr(generation.backends.get(b as usize)?.addr, family))).collect()
+    // Each backend's address once, not once per slot.
+    let addresses: Vec<IpAddr> = generation.backends.iter().map(|b| words_addr(b.addr, family)).collect();
+    table.iter().map(|&b| addresses.get(b as usize).copied()).collect()
 }
 
 /// The owners of VIP `name` in each slot as a predecessor recorded them relative to its own
@@ -120,14 +122,15 @@ fn moves(name: &str, earlier: &[IpAddr], now: &[IpAddr]) -> MovedSlots {
 }
 
 /// The lineage of `generation` built after `previous` (with `previous_record`, its own
-/// lineage, if it has one). None when no slot would have a hop.
+/// lineage, if it has one): the record and the slots' hops it gives. None when no slot would
+/// have a hop.
 pub fn derive(
     generation: &Generation,
     previous: &Generation,
     previous_digest: &str,
     previous_record: Option<&LineageRecord>,
     options: &LineageOptions,
-) -> crate::Result<Option<LineageRecord>> {
+) -> crate::Result<Option<(LineageRecord, BTreeMap<u32, Lineage>)>> {
     if options.depth == 0 || options.depth > MAX_DEPTH {
         crate::bail!("lineage depth {}: must be 1 to {MAX_DEPTH} (0: no lineage)", options.depth);
     }
@@ -170,7 +173,8 @@ pub fn derive(
         named.contains(&(d.vip.as_str(), d.backend)) && !serving.get(&d.vip).is_some_and(|s| s.contains(&d.backend))
     });
     let record = LineageRecord { depth: options.depth as u32, predecessors, dead: dead.into_iter().collect() };
-    Ok((!slot_lineages(generation, &record)?.is_empty()).then_some(record))
+    let slots = slot_lineages(generation, &record)?;
+    Ok((!slots.is_empty()).then_some((record, slots)))
 }
 
 /// Each slot's lineage (by index into `generation.maglev`) under `record`: its owner and

@@ -27,8 +27,10 @@ use ballast_tests::daemon::{
 use serde_json::Value as Json;
 
 /// Beyond what the health check and dampening allow, for a change to show in `ballast status`:
-/// process start-up, a generation's build, pre-flight and swap (debug build), and polling.
-const SLACK: Duration = Duration::from_secs(3);
+/// process start-up, a generation's build after what runs (its lineage), pre-flight and swap
+/// (debug build; backends whose checks change a moment apart swap one after the other), and
+/// polling. Measured: 1.7-2.7 s for a rejoin on an idle machine, more under a CI run's load.
+const SLACK: Duration = Duration::from_secs(6);
 /// The daemon's exit must take less.
 const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The labs `bl-dPID-TEST-*`; a scrape may lack the kernel's side for at most [`SLACK`].
