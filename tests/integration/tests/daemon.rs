@@ -202,13 +202,18 @@ fn a_flapping_backend_is_dampened() -> anyhow::Result<()> {
         std::thread::sleep(ms(RISE * INTERVAL_MS));
         flaps += 1;
     }
-    // The last batched change may still be waiting for its swap.
-    std::thread::sleep(ms(MIN_SWAP_INTERVAL_MS) + SLACK / 3);
+    // The last batched change may still be waiting for its swap, and a swap may land between
+    // two reads: the history is read between two scrapes until all three agree.
+    std::thread::sleep(ms(MIN_SWAP_INTERVAL_MS));
     let duration = start.elapsed();
-    let history = f.history()?;
-    let times: Vec<f64> = entries(&history, "health").iter().map(|e| e["time"].as_f64().unwrap()).collect();
+    let ((times, counted), _) = wait_for("the history and ballast_swaps_total to agree", SLACK, || {
+        let before = f.metrics()?.count("ballast_swaps_total", &[("cause", "health")]);
+        let history = f.history()?;
+        let times: Vec<f64> = entries(&history, "health").iter().map(|e| e["time"].as_f64().unwrap()).collect();
+        let after = f.metrics()?.count("ballast_swaps_total", &[("cause", "health")]);
+        Ok((before == after).then_some((times, after)))
+    })?;
     let swaps = times.len() as u64;
-    let counted = f.metrics()?.count("ballast_swaps_total", &[("cause", "health")]);
     let log = f.daemon()?.log();
     let transitions =
         log.lines().filter(|l| l.contains("backend 10.1.0.1 ") || l.contains("backend fd00:1::1 ")).count();
