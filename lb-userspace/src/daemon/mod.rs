@@ -356,9 +356,8 @@ struct Daemon {
     applied: BTreeMap<String, Vec<BackendConfig>>,
     /// The digest of the generation the daemon made run.
     running: String,
-    /// That generation, when the daemon built or adopted it: what the next one is built
-    /// after; and the digest of its settled form.
-    running_artifact: Option<(Artifact, [u8; 32])>,
+    /// That generation, when the daemon built or adopted it: what the next one is built after.
+    running_artifact: Option<Artifact>,
     /// When the running generation's lineage has drained: its settled form goes in then.
     settle_due: Option<Instant>,
     /// The program id of the link last read in full and found running `running`.
@@ -452,7 +451,7 @@ impl Daemon {
         let serving = tokio::task::block_in_place(|| observe(&iface, None));
         let Ok(Observed::Serving { digest, .. }) = serving else { return };
         // What runs is what the first generation is built after (or is, if nothing changed).
-        self.running_artifact = digest.and_then(|d| self.state.artifact(&d).ok()).and_then(|a| with_settled(a).ok());
+        self.running_artifact = digest.and_then(|d| self.state.artifact(&d).ok());
         let Ok(running) = tokio::task::block_in_place(|| status::status(&self.state, &iface)) else { return };
         let served: BTreeMap<String, BTreeSet<IpAddr>> = running
             .vips
@@ -511,7 +510,7 @@ impl Daemon {
                 self.running = digest;
                 let drain = Duration::from_secs(self.config.daemon.drain_period_s);
                 self.settle_due = artifact.lineage.is_some().then(|| Instant::now() + drain);
-                self.running_artifact = with_settled(artifact.clone()).ok();
+                self.running_artifact = Some(artifact.clone());
                 self.applied = applied;
                 self.known_program = None;
                 self.attempted = None;
@@ -537,8 +536,8 @@ impl Daemon {
     /// not), else `config` built after what runs, with the backends found dead as no hops.
     fn next_artifact(&self, config: &Config) -> crate::Result<Artifact> {
         let plain = build(config)?;
-        let Some((running, settled)) = &self.running_artifact else { return Ok(plain) };
-        if *settled == plain.digest {
+        let Some(running) = &self.running_artifact else { return Ok(plain) };
+        if running.settled_digest() == plain.digest {
             return Ok(running.clone());
         }
         let depth = self.config.daemon.lineage_depth as usize;
@@ -553,7 +552,7 @@ impl Daemon {
     /// The drain period of the running generation's lineage is over: its settled form goes in.
     fn settle(&mut self) {
         self.settle_due = None;
-        let Some((running, _)) = self.running_artifact.clone() else { return };
+        let Some(running) = self.running_artifact.clone() else { return };
         let (config, _) = self.desired();
         let reason = format!("the drain period ({} s) of its lineage is over", self.config.daemon.drain_period_s);
         let result = running
@@ -929,12 +928,6 @@ impl Daemon {
 /// tasks (health checks, metrics) moved elsewhere meanwhile.
 fn build(config: &Config) -> crate::Result<Artifact> {
     tokio::task::block_in_place(|| Artifact::build(config, LOAD_BALANCER))
-}
-
-/// An artifact with the digest of its settled form.
-fn with_settled(artifact: Artifact) -> crate::Result<(Artifact, [u8; 32])> {
-    let settled = if artifact.lineage.is_some() { artifact.settled()?.digest } else { artifact.digest };
-    Ok((artifact, settled))
 }
 
 async fn sleep_until(due: Option<tokio::time::Instant>) {

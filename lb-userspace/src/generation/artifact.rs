@@ -75,6 +75,15 @@ impl Artifact {
         Self::assemble(self.generation.clone(), &self.program, derived)
     }
 
+    /// The digest of [`Artifact::settled`], without building it: the digest of these tables
+    /// and program with no lineage part.
+    pub fn settled_digest(&self) -> [u8; DIGEST_LEN] {
+        if self.lineage.is_none() {
+            return self.digest;
+        }
+        generation_digest(&self.generation, &self.program, None)
+    }
+
     /// The same config and program without lineage: what takes over after the drain period.
     pub fn settled(&self) -> crate::Result<Artifact> {
         Self::assemble(self.generation.clone(), &self.program, None)

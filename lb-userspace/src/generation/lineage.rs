@@ -240,7 +240,7 @@ impl LineageSummary {
     pub fn of(artifact: &Artifact, slots_with_hops: usize) -> Option<LineageSummary> {
         let record = artifact.lineage.as_ref()?;
         Some(LineageSummary {
-            settled: artifact.settled().map(|a| a.digest_string()).unwrap_or_default(),
+            settled: super::digest::format_digest(&artifact.settled_digest()),
             depth: record.depth,
             predecessors: record.predecessors.iter().map(|p| p.digest.clone()).collect(),
             changed_slots: record.changed_slots(),
@@ -330,6 +330,7 @@ mod tests {
         assert_eq!(read.generation.lineage, after.generation.lineage);
         // Settled: the plain generation of the same config, byte for byte.
         assert_eq!(after.settled().unwrap().to_bytes(), Artifact::build(&four, b"p").unwrap().to_bytes());
+        assert_eq!(after.settled_digest(), after.settled().unwrap().digest);
         assert_ne!(after.digest, Artifact::build(&four, b"p").unwrap().digest);
     }
 

@@ -27,7 +27,7 @@ use crate::{
         artifact::Artifact,
         counter_slots::{Assignment, CounterDiscount},
         digest::format_digest,
-        lineage::LineageOptions,
+        lineage::{LineageOptions, LineageSummary},
     },
     kernel::{
         counters::zero_fresh_slots,
@@ -299,8 +299,9 @@ fn swap_locked(
     options: &SwapOptions,
 ) -> crate::Result<Swapped> {
     let (host, host_changes) = next_host(&record.host, &options.host, &target.iface)?;
-    let (derived, lineage) = after_current(state, &record, artifact, options.lineage.as_ref())?;
+    let (derived, warning) = after_current(state, &record, artifact, options.lineage.as_ref())?;
     let artifact = derived.as_ref().unwrap_or(artifact);
+    let lineage = LineageSummary::of(artifact, artifact.generation.lineage.len());
     check_vips_on_host(artifact, &target.iface, options.allow)?;
     let dir = pins::pin_dir(&target.iface)?;
     let link_path = pins::link_pin(&dir);
@@ -341,7 +342,7 @@ fn swap_locked(
         record.counter_slots = record.pending_counter_slots.take().unwrap_or_default();
         record.host = record.pending_host.take().unwrap_or_else(|| HostRecord::of(&host));
         record.make_current(to.clone());
-        record.lineage = RecordedLineage::of(artifact);
+        record.lineage = lineage.clone().map(|summary| RecordedLineage { digest: to.clone(), summary });
         state.write_record(&target.key, &record)?;
         checkpoint("record-written");
         Ok(preflight_packets)
@@ -363,12 +364,13 @@ fn swap_locked(
         recovered: notes.recovered,
         adopted: notes.adopted,
         host_changes,
-        lineage,
+        lineage: lineage.map(|summary| format!("{}{}", summary.render(), warning.unwrap_or_default())),
     })
 }
 
 /// `artifact` built after the generation the record says runs (when `options` ask for it
-/// and the artifact has no lineage of its own), and what its lineage is, in words.
+/// and the artifact has no lineage of its own), and a warning when the lineage that goes in
+/// was built after another generation than the one that runs.
 fn after_current(
     state: &StateDir,
     record: &IfaceRecord,
@@ -382,27 +384,19 @@ fn after_current(
     };
     let derived = match running {
         // What runs is this generation already, with its lineage: it stays as it is.
-        Some((_, running)) if running.settled()?.digest == artifact.digest => Some(running),
+        Some((_, running)) if running.settled_digest() == artifact.digest => Some(running),
         Some((options, running)) => Some(artifact.after(&running, options)?),
         None => None,
     };
     let chosen = derived.as_ref().unwrap_or(artifact);
-    let note = chosen.lineage.as_ref().map(|lineage| {
-        let newest = lineage.predecessors.first().map(|p| p.digest.as_str());
-        let warning = match (newest, record.current.as_deref()) {
-            (Some(newest), Some(current)) if newest != current => {
-                format!("; WARNING: built after {newest}, but {current} runs: its hops name that one's owners")
-            }
-            _ => String::new(),
-        };
-        format!(
-            "{} slots changed owner; {} with hops, from {} predecessor(s){warning}",
-            lineage.changed_slots(),
-            chosen.generation.lineage.len(),
-            lineage.predecessors.len()
-        )
-    });
-    Ok((derived, note))
+    let newest = chosen.lineage.as_ref().and_then(|l| l.predecessors.first()).map(|p| p.digest.as_str());
+    let warning = match (newest, record.current.as_deref()) {
+        (Some(newest), Some(current)) if newest != current => {
+            Some(format!("; WARNING: built after {newest}, but {current} runs: its hops name that one's owners"))
+        }
+        _ => None,
+    };
+    Ok((derived, warning))
 }
 
 /// Swaps back to the previous generation, or to the one named by `to` (a digest or a
