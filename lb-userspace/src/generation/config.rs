@@ -941,6 +941,21 @@ mod tests {
         assert_eq!(err.to_string(), "vip: 3 is an integer; expected [[vip]] tables (line 2, column 7)");
         let err = Config::from_toml_str("hash_seed = 1\n[daemon]\nmin_healthy = \"a\"\n").unwrap_err();
         assert_eq!(err.path, "daemon.min_healthy");
+        // The second chance's settings: named, in range, and not part of the generation.
+        for (line, path) in [
+            ("lineage_depth = 5", "daemon.lineage_depth"),
+            ("lineage_depth = -1", "daemon.lineage_depth"),
+            ("drain_period_s = 0", "daemon.drain_period_s"),
+            ("drain_period_s = \"10m\"", "daemon.drain_period_s"),
+        ] {
+            let err = Config::from_toml_str(&format!("{EXAMPLE_CONFIG}\n[daemon]\n{line}\n")).unwrap_err();
+            assert_eq!(err.path, path, "{line}: {err}");
+        }
+        let set =
+            Config::from_toml_str(&format!("{EXAMPLE_CONFIG}\n[daemon]\nlineage_depth = 0\ndrain_period_s = 30\n"))
+                .unwrap();
+        assert_eq!((set.daemon.lineage_depth, set.daemon.drain_period_s), (0, 30));
+        assert_eq!(set.to_canonical_json(), Config::from_toml_str(EXAMPLE_CONFIG).unwrap().to_canonical_json());
         // Several problems: the first is reported, without a position that may be another's.
         let err = Config::from_toml_str("hash_seed = \"1\"\nvip = 3\n").unwrap_err();
         assert_eq!(err.to_string(), "hash_seed: \"1\" is a string; expected an integer");
