@@ -62,6 +62,18 @@ pub struct GueOuter<I, H, const N: usize> {
 pub type GueOuterV4<const N: usize> = GueOuter<Ipv4Hdr, u32, N>;
 pub type GueOuterV6<const N: usize> = GueOuter<Ipv6Hdr, [u32; 4], N>;
 
+/// Bytes of a second-chance outer header with `hops` hops: `size_of::<GueOuterV4<hops>>()`
+/// for a count known only at run time.
+#[inline(always)]
+pub fn gue_outer_len_v4(hops: usize) -> usize {
+    core::mem::size_of::<GueOuterV4<0>>() + hops * core::mem::size_of::<u32>()
+}
+
+#[inline(always)]
+pub fn gue_outer_len_v6(hops: usize) -> usize {
+    core::mem::size_of::<GueOuterV6<0>>() + hops * core::mem::size_of::<[u32; 4]>()
+}
+
 /// The UDP source port of a flow's GUE packets: from the flow hash, in the dynamic range
 /// (49152-65535), so ECMP and RSS on the way spread flows as they do for IPIP's sources.
 #[inline(always)]
@@ -79,9 +91,22 @@ pub fn gue_hops<H: Copy, const N: usize>(
     flow_hash: u32,
     hops: [H; N],
 ) -> GueHops<H, N> {
-    let hops_len = N * core::mem::size_of::<H>();
+    gue_hops_counted(inner_proto, inner_len, flow_hash, hops, N)
+}
+
+/// [`gue_hops`] announcing `hop_count` hops, of which it holds the first `N`: with `N` 0, the
+/// head of a GUE header whose hops, counted only at run time, the caller writes after it.
+#[inline(always)]
+pub fn gue_hops_counted<H: Copy, const N: usize>(
+    inner_proto: u8,
+    inner_len: u16,
+    flow_hash: u32,
+    hops: [H; N],
+    hop_count: usize,
+) -> GueHops<H, N> {
+    let hops_len = hop_count * core::mem::size_of::<H>();
     let hlen = (crate::wire::HOPS_HEADER_LEN + hops_len) / 4;
-    let udp_len = core::mem::size_of::<GueHops<H, N>>() as u16 + inner_len;
+    let udp_len = (core::mem::size_of::<GueHops<H, 0>>() + hops_len) as u16 + inner_len;
     GueHops {
         udp: UdpHdr {
             source: gue_source_port(flow_hash).to_be(),
@@ -90,7 +115,7 @@ pub fn gue_hops<H: Copy, const N: usize>(
             check: 0,
         },
         gue: GueHdr { ver_c_hlen: hlen as u8 & GUE_HLEN_MASK, proto: inner_proto, flags: 0 },
-        hops_header: HopsHdr { kind: HOPS_KIND, next_hop: 0, hop_count: N as u8, reserved: 0 },
+        hops_header: HopsHdr { kind: HOPS_KIND, next_hop: 0, hop_count: hop_count as u8, reserved: 0 },
         hops,
     }
 }
@@ -105,11 +130,25 @@ pub fn gue_outer_v4<const N: usize>(
     flow_hash: u32,
     hops: [u32; N],
 ) -> GueOuterV4<N> {
-    let gue = gue_hops(IPPROTO_IPIP, inner.total_len(), flow_hash, hops);
+    gue_outer_v4_counted(inner, saddr, daddr, flow_hash, hops, N)
+}
+
+/// [`gue_outer_v4`] announcing `hop_count` hops, of which it holds the first `N` (see
+/// [`gue_hops_counted`]).
+#[inline(always)]
+pub fn gue_outer_v4_counted<const N: usize>(
+    inner: &Ipv4Hdr,
+    saddr: u32,
+    daddr: u32,
+    flow_hash: u32,
+    hops: [u32; N],
+    hop_count: usize,
+) -> GueOuterV4<N> {
+    let gue = gue_hops_counted(IPPROTO_IPIP, inner.total_len(), flow_hash, hops, hop_count);
     let mut ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: inner.tos,
-        tot_len: (inner.total_len().wrapping_add(core::mem::size_of::<GueOuterV4<N>>() as u16)).to_be(),
+        tot_len: (inner.total_len().wrapping_add(gue_outer_len_v4(hop_count) as u16)).to_be(),
         id: 0,
         frag_off: inner.frag_off & IPV4_DONT_FRAGMENT.to_be(),
         ttl: ENCAP_TTL,
@@ -132,12 +171,26 @@ pub fn gue_outer_v6<const N: usize>(
     flow_hash: u32,
     hops: [[u32; 4]; N],
 ) -> GueOuterV6<N> {
+    gue_outer_v6_counted(inner, saddr, daddr, flow_hash, hops, N)
+}
+
+/// [`gue_outer_v6`] announcing `hop_count` hops, of which it holds the first `N`.
+#[inline(always)]
+pub fn gue_outer_v6_counted<const N: usize>(
+    inner: &Ipv6Hdr,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+    flow_hash: u32,
+    hops: [[u32; 4]; N],
+    hop_count: usize,
+) -> GueOuterV6<N> {
     let inner_len = inner.payload_len().wrapping_add(IPV6_HEADER_LEN as u16);
-    let gue = gue_hops(IPPROTO_IPV6, inner_len, flow_hash, hops);
+    let gue = gue_hops_counted(IPPROTO_IPV6, inner_len, flow_hash, hops, hop_count);
     let class = inner.traffic_class() as u32;
+    let gue_len = gue_outer_len_v6(hop_count) - IPV6_HEADER_LEN;
     let ip = Ipv6Hdr {
         version_class_flow: ((6 << 28) | (class << 20) | (flow_hash & 0xf_ffff)).to_be(),
-        payload_len: (inner_len.wrapping_add(core::mem::size_of::<GueHops<[u32; 4], N>>() as u16)).to_be(),
+        payload_len: (inner_len.wrapping_add(gue_len as u16)).to_be(),
         next_header: IPPROTO_UDP,
         hop_limit: ENCAP_TTL,
         saddr,

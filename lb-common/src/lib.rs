@@ -12,6 +12,8 @@ extern crate std;
 
 pub mod encap;
 pub mod flow;
+pub mod health;
+pub mod icmp;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod maps;

@@ -14,6 +14,9 @@ pub const MAP_VIP_COUNTERS: &str = "VIP_COUNTERS";
 pub const MAP_BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
 pub const MAP_REASON_COUNTERS: &str = "REASON_COUNTERS";
 pub const COUNTER_MAPS: [&str; 3] = [MAP_VIP_COUNTERS, MAP_BACKEND_COUNTERS, MAP_REASON_COUNTERS];
+/// The per-CPU ICMP answer budget (`crate::icmp::spend_icmp_budget`'s `due`, one u64): each
+/// generation has its own, neither pinned nor frozen.
+pub const MAP_ICMP_BUDGET: &str = "ICMP_BUDGET";
 
 /// `.rodata` globals set at load time; the verifier sees them as constants and prunes the
 /// paths a generation cannot take.
@@ -180,15 +183,33 @@ pub enum Reason {
     DropIpv6Extension = 6,
     /// To a VIP address, but the transport header or the payload is cut short.
     DropTruncated = 7,
-    /// Would exceed the interface MTU once encapsulated.
+    /// Would exceed the interface MTU once encapsulated, and may not be answered: IPv4
+    /// without DF (the sender did not ask to be told; ballast does not fragment), a source
+    /// no ICMP error may go to (`crate::icmp::answerable_v4`), or an ICMP error itself.
     DropTooBig = 8,
     /// `bpf_xdp_adjust_head` refused the room for the outer header.
     DropEncapFailed = 9,
     /// A table entry pointed at no backend: a loader bug, never expected.
     DropTableMiss = 10,
+    /// Would exceed the MTU once encapsulated (IPv4 with DF set, or IPv6): answered with
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" (`XDP_TX` back to the sender).
+    TooBigAnswered = 11,
+    /// An ICMP destination unreachable / ICMPv6 destination unreachable or packet too big to
+    /// a VIP address, quoting a flow of a VIP: encapsulated toward that flow's backend.
+    IcmpSteered = 12,
+    /// An ICMP / ICMPv6 echo request to a VIP address: answered (`XDP_TX`).
+    EchoAnswered = 13,
+    /// An ICMP answer (too big, echo reply) over this CPU's budget (`crate::icmp`): dropped.
+    IcmpRateLimited = 14,
+    /// An ICMP error to a VIP address whose quote is cut short or cannot be a packet the VIP
+    /// sent (another family, options or extension headers, a later fragment, not TCP or UDP,
+    /// a source other than the address the error came to).
+    DropIcmpMalformed = 15,
+    /// An ICMP error to a VIP address quoting a TCP or UDP flow that no VIP serves.
+    DropIcmpNotVipFlow = 16,
 }
 
-pub const REASON_COUNT: u32 = 11;
+pub const REASON_COUNT: u32 = 17;
 
 /// XDP actions, as in the kernel uapi.
 pub const XDP_DROP: u32 = 1;
@@ -208,12 +229,18 @@ impl Reason {
         Reason::DropTooBig,
         Reason::DropEncapFailed,
         Reason::DropTableMiss,
+        Reason::TooBigAnswered,
+        Reason::IcmpSteered,
+        Reason::EchoAnswered,
+        Reason::IcmpRateLimited,
+        Reason::DropIcmpMalformed,
+        Reason::DropIcmpNotVipFlow,
     ];
 
     #[inline(always)]
     pub fn action(self) -> u32 {
         match self {
-            Reason::Forwarded => XDP_TX,
+            Reason::Forwarded | Reason::TooBigAnswered | Reason::IcmpSteered | Reason::EchoAnswered => XDP_TX,
             Reason::PassNotIp | Reason::PassNotVip | Reason::PassMalformed => XDP_PASS,
             _ => XDP_DROP,
         }
@@ -232,6 +259,12 @@ impl Reason {
             Reason::DropTooBig => "drop_too_big",
             Reason::DropEncapFailed => "drop_encap_failed",
             Reason::DropTableMiss => "drop_table_miss",
+            Reason::TooBigAnswered => "too_big_answered",
+            Reason::IcmpSteered => "icmp_steered",
+            Reason::EchoAnswered => "echo_answered",
+            Reason::IcmpRateLimited => "icmp_rate_limited",
+            Reason::DropIcmpMalformed => "drop_icmp_malformed",
+            Reason::DropIcmpNotVipFlow => "drop_icmp_not_vip_flow",
         }
     }
 }
@@ -278,8 +311,9 @@ pub struct DecapKey {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapReason {
-    /// IPIP / IP6IP6 to a local address (or ballast's GUE whose inner packet is no TCP, which
-    /// gets no second chance): outer header removed, inner packet passed.
+    /// IPIP / IP6IP6 to a local address (or ballast's GUE whose inner packet is neither TCP
+    /// nor an ICMP error quoting TCP, which get no second chance): outer header removed,
+    /// inner packet passed.
     Decapsulated = 0,
     /// Not IPIP / IP6IP6 / GUE: passed untouched.
     PassNotEncapsulated = 1,
@@ -289,7 +323,8 @@ pub enum DecapReason {
     PassMalformed = 3,
     /// GUE, a SYN: a new connection is the new owner's. Decapsulated.
     AcceptedSyn = 4,
-    /// GUE, and a local socket (established, SYN_RECV or TIME_WAIT) knows the flow.
+    /// GUE, and a local socket (established, SYN_RECV or TIME_WAIT) knows the flow (or the
+    /// flow an ICMP error inside quotes).
     AcceptedSocket = 5,
     /// GUE, an ACK carrying a valid SYN cookie of a local listener.
     AcceptedCookie = 6,

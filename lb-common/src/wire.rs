@@ -7,10 +7,12 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// IPv4 `frag_off` bits, host order.
 pub const IPV4_DONT_FRAGMENT: u16 = 0x4000;
@@ -115,6 +117,28 @@ pub const TCP_ACK: u8 = 0x10;
 /// Offset of the flags byte in the TCP header.
 pub const TCP_FLAGS_OFFSET: usize = 13;
 
+/// An ICMP or ICMPv6 header: type, code, checksum and the type's 32 bits (frag-needed: 16
+/// unused then the next-hop MTU; packet too big: the MTU; echo: identifier and sequence).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub checksum: u16,
+    pub rest: u32,
+}
+
+/// ICMP (RFC 792) types and the frag-needed code.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+/// ICMPv6 (RFC 4443) types.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
 /// The first four bytes of a TCP or UDP header: the ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -128,6 +152,9 @@ pub const VLAN_HEADER_LEN: usize = core::mem::size_of::<VlanHdr>();
 pub const IPV4_HEADER_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
 pub const IPV6_HEADER_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
 pub const GUE_HEADER_LEN: usize = core::mem::size_of::<GueHdr>();
+pub const ICMP_HEADER_LEN: usize = core::mem::size_of::<IcmpHdr>();
+/// Where an IPv6 header's source and destination (32 bytes, back to back) start.
+pub const IPV6_ADDRESSES_OFFSET: usize = core::mem::offset_of!(Ipv6Hdr, saddr);
 pub const HOPS_HEADER_LEN: usize = core::mem::size_of::<HopsHdr>();
 
 impl EthHdr {

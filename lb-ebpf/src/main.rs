@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod icmp;
 mod maps;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
@@ -14,14 +15,14 @@ use lb_common::{
     flow::{flow_hash_v4, flow_hash_v6, synthetic_source_v4, synthetic_source_v6},
     maps::{Lineage, Reason, VipKey, VipMeta, FAMILY_IPV4, FAMILY_IPV6},
     wire::{
-        is_ipv6_extension_header, l4_min_header_len, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_ACK, TCP_FLAGS_OFFSET, TCP_SYN,
+        is_ipv6_extension_header, l4_min_header_len, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_ACK, TCP_FLAGS_OFFSET, TCP_SYN,
     },
 };
 
 use crate::maps::{
-    count, count_reason, find_vip, is_vip_address, pick_backend, Pick, BACKEND_COUNTERS, ETH_ADDRESSES, FLOW_KEYS,
-    HAS_IPV4, HAS_IPV6, MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
+    count, count_reason, find_vip, is_vip_address, is_vip_host, pick_backend, Pick, BACKEND_COUNTERS, ETH_ADDRESSES,
+    FLOW_KEYS, HAS_IPV4, HAS_IPV6, MTU, OUTER_SOURCE_V4, OUTER_SOURCE_V6, VIP_COUNTERS,
 };
 use lb_ebpf::{
     parse::{frame_len, has_bytes, parse_l2, read_at, L2},
@@ -88,6 +89,9 @@ fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
         return Reason::PassMalformed;
     }
     if !is_vip_protocol(ip.protocol) {
+        if ip.protocol == IPPROTO_ICMP {
+            return icmp::icmp_v4(ctx).unwrap_or_else(|| icmp::steer_v4(ctx));
+        }
         return Reason::PassNotVip;
     }
     let key = VipKey { addr: [ip.daddr, 0, 0, 0], port: 0, protocol: ip.protocol, family: FAMILY_IPV4 };
@@ -104,7 +108,7 @@ fn process_ipv4(ctx: &XdpContext, l2: &L2) -> Reason {
     let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
     let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
     let hash = flow_hash_v4(&FLOW_KEYS.load(), ip.saddr, ip.daddr, ports, ip.protocol);
-    forward(l2, &vip, hash, total_len, |pick| {
+    forward(ctx, l2, &vip, hash, total_len, |pick| {
         let fixed = OUTER_SOURCE_V4.load();
         let source = if fixed != 0 { fixed } else { synthetic_source_v4(hash) };
         let owner = pick.backend.addr[0];
@@ -130,15 +134,14 @@ fn process_ipv6(ctx: &XdpContext, l2: &L2) -> Reason {
     }
     let key = VipKey { addr: ip.daddr, port: 0, protocol: ip.next_header, family: FAMILY_IPV6 };
     if !is_vip_protocol(ip.next_header) {
-        if !is_ipv6_extension_header(ip.next_header) {
+        if ip.next_header == IPPROTO_ICMPV6 {
+            return icmp::icmp_v6(ctx).unwrap_or_else(|| icmp::steer_v6(ctx));
+        }
+        if !is_ipv6_extension_header(ip.next_header) || !is_vip_host(ip.daddr, FAMILY_IPV6) {
             return Reason::PassNotVip;
         }
         // The transport protocol hides behind the extension headers: either one counts.
-        let tcp = refuse_if_vip(VipKey { protocol: IPPROTO_TCP, ..key }, Reason::DropIpv6Extension);
-        return match tcp {
-            Reason::PassNotVip => refuse_if_vip(VipKey { protocol: IPPROTO_UDP, ..key }, Reason::DropIpv6Extension),
-            dropped => dropped,
-        };
+        return Reason::DropIpv6Extension;
     }
     let total_len = IPV6_HEADER_LEN + ip.payload_len() as usize;
     let Some(l4) = transport_offset(ctx, l3, IPV6_HEADER_LEN, total_len, ip.next_header) else {
@@ -147,7 +150,7 @@ fn process_ipv6(ctx: &XdpContext, l2: &L2) -> Reason {
     let Some(ports) = read_at::<u32>(ctx, l4) else { return Reason::PassMalformed };
     let Some(vip) = find_vip(VipKey { port: dport(ports), ..key }) else { return Reason::PassNotVip };
     let hash = flow_hash_v6(&FLOW_KEYS.load(), &ip.saddr, &ip.daddr, ports, ip.next_header);
-    forward(l2, &vip, hash, total_len, |pick| {
+    forward(ctx, l2, &vip, hash, total_len, |pick| {
         let fixed = OUTER_SOURCE_V6.load();
         let source = if fixed != [0; 4] { fixed } else { synthetic_source_v6(hash) };
         let owner = pick.backend.addr;
@@ -219,9 +222,19 @@ impl Gue<'_> {
     #[inline(always)]
     fn push<T>(&self, outer: &T) -> Result<(), Reason> {
         if self.ip_len + core::mem::size_of::<T>() > MTU.load() as usize {
-            return Err(Reason::DropTooBig);
+            return Err(too_big(self.ctx, self.l2, self.lineage.hop_count));
         }
         encapsulated(push_outer(self.ctx, self.l2, ETH_ADDRESSES.load(), outer))
+    }
+}
+
+/// [`icmp::too_big_v4`] or [`icmp::too_big_v6`] by the packet's family.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, l2: &L2, hops: u32) -> Reason {
+    if l2.ether_type == ETH_P_IP {
+        icmp::too_big_v4(ctx, hops)
+    } else {
+        icmp::too_big_v6(ctx, hops)
     }
 }
 
@@ -235,11 +248,13 @@ fn encapsulated(pushed: bool) -> Result<(), Reason> {
 }
 
 /// Picks the backend, checks the MTU for the plain outer header, encapsulates with
-/// `encapsulate` (which checks its own, longer, header if it uses one) and counts.
+/// `encapsulate` (which checks its own, longer, header if it uses one) and counts. A packet
+/// too big for its outer header is answered (`icmp::too_big`).
 /// `ip_len` is the inner IP packet's length; the plain outer header of the same family adds
 /// as much as the inner IP header's fixed part.
 #[inline(always)]
 fn forward(
+    ctx: &XdpContext,
     l2: &L2,
     vip: &VipMeta,
     hash: u32,
@@ -249,7 +264,7 @@ fn forward(
     let Some(pick) = pick_backend(vip, hash) else { return Reason::DropTableMiss };
     let outer_len = if l2.ether_type == ETH_P_IP { IPV4_HEADER_LEN } else { IPV6_HEADER_LEN };
     if ip_len + outer_len > MTU.load() as usize {
-        return Reason::DropTooBig;
+        return too_big(ctx, l2, pick.lineage.map_or(0, |lineage| lineage.hop_count));
     }
     if let Err(reason) = encapsulate(&pick) {
         return reason;

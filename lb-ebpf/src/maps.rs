@@ -12,6 +12,7 @@ use lb_common::{
         MAGLEV_LINEAGE_FLAG, REASON_COUNT, VIP_COUNTER_SLOTS,
     },
     vip_index::{self, VipSlot},
+    wire::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
 // Config maps: max_entries is set by the loader; read-only for this program, frozen after load.
@@ -31,6 +32,9 @@ pub static VIP_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VI
 pub static BACKEND_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(BACKEND_COUNTER_SLOTS, 0);
 #[map]
 pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+/// `lb_common::icmp::spend_icmp_budget`'s `due`, per CPU.
+#[map]
+pub static ICMP_BUDGET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// `lb_common::flow::flow_keys` of the generation's hash_seed.
 #[unsafe(no_mangle)]
@@ -59,6 +63,18 @@ pub static VIP_INDEX_MASK: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub static GENERATION_ID: Global<[u8; lb_common::maps::GENERATION_ID_LEN]> =
     Global::new([0; lb_common::maps::GENERATION_ID_LEN]);
+
+/// FLOW_KEYS where they lie, for the cold paths: `FLOW_KEYS.load()` copies all 88 bytes to
+/// the stack, which the program's main body can afford and its callees cannot. The pointer
+/// goes through a volatile read so that the compiler cannot see the global's initial value
+/// behind it (the loader overrides it) and fold it, as `load` prevents for the copy.
+#[inline(always)]
+pub fn flow_keys_in_place() -> &'static FlowKeys {
+    let global = &FLOW_KEYS as *const Global<FlowKeys> as *const FlowKeys;
+    // SAFETY: Global is repr(transparent) over an initialised FlowKeys; read_volatile of a
+    // local pointer is a plain load.
+    unsafe { &*core::ptr::read_volatile(&global) }
+}
 
 #[inline(always)]
 pub fn count(counters: &PerCpuArray<Counter>, index: u32, bytes: u64) {
@@ -103,6 +119,13 @@ pub fn find_vip(mut key: VipKey) -> Option<VipMeta> {
 pub fn is_vip_address(key: &VipKey) -> bool {
     let marker = VipKey { port: 0, ..*key };
     lookup_vip(&marker).is_some()
+}
+
+/// Whether some TCP or UDP VIP uses this address: ICMP toward it is the load balancer's.
+#[inline(always)]
+pub fn is_vip_host(addr: [u32; 4], family: u8) -> bool {
+    let tcp = VipKey { addr, port: 0, protocol: IPPROTO_TCP, family };
+    is_vip_address(&tcp) || is_vip_address(&VipKey { protocol: IPPROTO_UDP, ..tcp })
 }
 
 /// What a flow hash selects in a VIP's table: the slot's owner and, if the slot changed

@@ -20,6 +20,15 @@ pub fn read_at<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     ptr_at::<T>(ctx, offset).map(|p| unsafe { *p })
 }
 
+/// The `T` at `offset` where it lies in the packet, if the packet holds all of it: read in
+/// place rather than copied to the stack (cold paths called from the program's main body,
+/// whose own frame leaves them little of the 512 bytes). Valid until the packet is resized.
+#[inline(always)]
+pub fn ref_at<T>(ctx: &XdpContext, offset: usize) -> Option<&T> {
+    // SAFETY: ptr_at checked the bounds; packet access is unaligned-safe for BPF.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { &*p })
+}
+
 /// Whether the packet holds `len` bytes from `offset` on.
 #[inline(always)]
 pub fn has_bytes(ctx: &XdpContext, offset: usize, len: usize) -> bool {

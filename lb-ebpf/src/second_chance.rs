@@ -29,8 +29,13 @@
 //! and next hop, the inner packet's version, length and TCP header) is `MalformedGue` and
 //! passes untouched. The second chance looks at TCP right after a 20-byte IPv4 or 40-byte
 //! IPv6 header, as the load balancer sends it (it drops IPv4 options, fragments and IPv6
-//! extension headers toward VIPs); any other inner packet (UDP, ICMP, IPv4 options or a
-//! fragment, an IPv6 extension header) is decapsulated and counted `Decapsulated`, as IPIP.
+//! extension headers toward VIPs). An ICMP destination unreachable / ICMPv6 destination
+//! unreachable or packet too big quoting a TCP packet (the load balancer steers the errors
+//! about a flow of a changed slot with that slot's hops) gets its flow's second chance: the
+//! quote turned around is looked up, an established, SYN_RECV or TIME_WAIT socket takes it
+//! (`AcceptedSocket`), otherwise it goes on by steps 4 and 5. Any other inner packet (UDP,
+//! other ICMP, IPv4 options or a fragment, an IPv6 extension header) is decapsulated and
+//! counted `Decapsulated`, as IPIP.
 //! The inner packet is of the outer's family (GUE proto 4 under IPv4, 41 under IPv6); a
 //! mismatch is malformed, so decapsulating keeps the ether type.
 use aya_ebpf::{
@@ -48,14 +53,20 @@ use aya_ebpf::{
 use lb_common::{
     maps::{DecapKey, DecapReason, FAMILY_IPV4, FAMILY_IPV6, MAX_HOPS},
     wire::{
-        EthHdr, GueHdr, HopsHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, UdpHdr, ENCAP_TTL, GUE_HEADER_LEN, GUE_HLEN_MASK, GUE_PORT,
-        HOPS_HEADER_LEN, HOPS_KIND, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_FRAGMENT_OFFSET,
-        IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_ACK, TCP_FLAGS_OFFSET, TCP_HEADER_LEN, TCP_RST, TCP_SYN, UDP_HEADER_LEN,
+        EthHdr, GueHdr, HopsHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, L4Ports, UdpHdr, ENCAP_TTL, GUE_HEADER_LEN, GUE_HLEN_MASK,
+        GUE_PORT, HOPS_HEADER_LEN, HOPS_KIND, ICMPV6_DEST_UNREACH, ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH,
+        ICMP_HEADER_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP,
+        IPV4_FRAGMENT_OFFSET, IPV4_HEADER_LEN, IPV6_HEADER_LEN, TCP_ACK, TCP_FLAGS_OFFSET, TCP_HEADER_LEN, TCP_RST,
+        TCP_SYN, UDP_HEADER_LEN,
     },
 };
 use lb_ebpf::parse::{frame_len, has_bytes, ptr_at, read_at, L2};
 
 use crate::is_local;
+
+/// The shortest ICMP packet that quotes an IP header and 8 bytes of its transport.
+const ICMP_QUOTE_LEN_V4: usize = 2 * IPV4_HEADER_LEN + ICMP_HEADER_LEN + 8;
+const ICMP_QUOTE_LEN_V6: usize = 2 * IPV6_HEADER_LEN + ICMP_HEADER_LEN + 8;
 
 /// Address families of `struct bpf_fib_lookup` (AF_INET, AF_INET6).
 const AF_INET: u8 = 2;
@@ -76,6 +87,9 @@ pub(crate) enum Outcome {
 pub(crate) enum Inner {
     /// TCP right after the IP header, whose header the packet holds.
     Tcp,
+    /// ICMP / ICMPv6 right after the IP header, long enough to quote an IP header and 8
+    /// bytes of transport: an error about a flow maybe.
+    Icmp,
     /// Anything else the IP header and lengths allow: decapsulated without a second chance.
     Other,
     Malformed,
@@ -98,6 +112,12 @@ pub(crate) trait Family {
     fn inner(ip: &Self::Ip, len: usize) -> Inner;
     /// The socket lookup key of the inner packet and its size for `bpf_skc_lookup_tcp`.
     fn tuple(ip: &Self::Ip, ports: L4Ports) -> (bpf_sock_tuple, u32);
+    /// Whether ICMP type `kind` is an error the load balancer steers with its flow's hops.
+    fn is_icmp_error(kind: u8) -> bool;
+    /// The IP header a TCP packet quoted in an ICMP error, sent by this host, if it is one
+    /// (no options, no extension headers, not a later fragment), turned around: as the
+    /// flow's packets arrive here.
+    fn quoted_tcp(quoted: &Self::Ip) -> Option<Self::Ip>;
     /// The FIB query for the outer header `ip` rewritten toward `destination` from `source`.
     fn route(ip: &Self::Ip, udp: &UdpHdr, source: Self::Addr, destination: Self::Addr, ifindex: u32) -> bpf_fib_lookup;
     /// The outer header `ip` sent on from `source` to `destination`.
@@ -128,13 +148,15 @@ impl Family for V4 {
         if ip.version_ihl >> 4 != 4 || ip.version_ihl & 0x0f < 5 || ip.total_len() as usize != len {
             return Inner::Malformed;
         }
-        if ip.protocol != IPPROTO_TCP || ip.version_ihl != 0x45 || ip.is_fragment() {
+        if ip.version_ihl != 0x45 || ip.is_fragment() {
             return Inner::Other;
         }
-        if len < IPV4_HEADER_LEN + TCP_HEADER_LEN {
-            return Inner::Malformed;
+        match ip.protocol {
+            IPPROTO_TCP if len < IPV4_HEADER_LEN + TCP_HEADER_LEN => Inner::Malformed,
+            IPPROTO_TCP => Inner::Tcp,
+            IPPROTO_ICMP if len >= ICMP_QUOTE_LEN_V4 => Inner::Icmp,
+            _ => Inner::Other,
         }
-        Inner::Tcp
     }
 
     #[inline(always)]
@@ -144,6 +166,21 @@ impl Family for V4 {
         tuple.__bindgen_anon_1.ipv4 =
             SockTupleV4 { saddr: ip.saddr, daddr: ip.daddr, sport: ports.source, dport: ports.dest };
         (tuple, core::mem::size_of::<SockTupleV4>() as u32)
+    }
+
+    #[inline(always)]
+    fn is_icmp_error(kind: u8) -> bool {
+        kind == ICMP_DEST_UNREACH
+    }
+
+    #[inline(always)]
+    fn quoted_tcp(quoted: &Ipv4Hdr) -> Option<Ipv4Hdr> {
+        let whole = quoted.version_ihl == 0x45 && quoted.frag_off() & IPV4_FRAGMENT_OFFSET == 0;
+        (whole && quoted.protocol == IPPROTO_TCP).then_some(Ipv4Hdr {
+            saddr: quoted.daddr,
+            daddr: quoted.saddr,
+            ..*quoted
+        })
     }
 
     #[inline(always)]
@@ -184,13 +221,12 @@ impl Family for V6 {
         if ip.version() != 6 || IPV6_HEADER_LEN + ip.payload_len() as usize != len {
             return Inner::Malformed;
         }
-        if ip.next_header != IPPROTO_TCP {
-            return Inner::Other;
+        match ip.next_header {
+            IPPROTO_TCP if len < IPV6_HEADER_LEN + TCP_HEADER_LEN => Inner::Malformed,
+            IPPROTO_TCP => Inner::Tcp,
+            IPPROTO_ICMPV6 if len >= ICMP_QUOTE_LEN_V6 => Inner::Icmp,
+            _ => Inner::Other,
         }
-        if len < IPV6_HEADER_LEN + TCP_HEADER_LEN {
-            return Inner::Malformed;
-        }
-        Inner::Tcp
     }
 
     #[inline(always)]
@@ -200,6 +236,20 @@ impl Family for V6 {
         tuple.__bindgen_anon_1.ipv6 =
             SockTupleV6 { saddr: ip.saddr, daddr: ip.daddr, sport: ports.source, dport: ports.dest };
         (tuple, core::mem::size_of::<SockTupleV6>() as u32)
+    }
+
+    #[inline(always)]
+    fn is_icmp_error(kind: u8) -> bool {
+        kind == ICMPV6_DEST_UNREACH || kind == ICMPV6_PACKET_TOO_BIG
+    }
+
+    #[inline(always)]
+    fn quoted_tcp(quoted: &Ipv6Hdr) -> Option<Ipv6Hdr> {
+        (quoted.version() == 6 && quoted.next_header == IPPROTO_TCP).then_some(Ipv6Hdr {
+            saddr: quoted.daddr,
+            daddr: quoted.saddr,
+            ..*quoted
+        })
     }
 
     #[inline(always)]
@@ -326,6 +376,7 @@ fn gue<F: Family>(ctx: &XdpContext, l2: &L2, ip: &F::Ip, ip_payload: usize, udp:
     match F::inner(&inner, udp_len - tunnel_len) {
         Inner::Malformed => return malformed,
         Inner::Other => return Outcome::Accepted { reason: DecapReason::Decapsulated, outer_len },
+        Inner::Icmp => return icmp_error::<F>(ctx, l2, ip, udp, &hops, inner_at + F::IP_LEN, outer_len),
         Inner::Tcp => {}
     }
     // The TCP header must be there; the flags and ports are what most decisions read of it.
@@ -347,6 +398,41 @@ fn gue<F: Family>(ctx: &XdpContext, l2: &L2, ip: &F::Ip, ip_payload: usize, udp:
         return Outcome::Accepted { reason: DecapReason::LastResort, outer_len };
     }
     forward::<F>(ctx, l2, ip, udp, &hops, outer_len)
+}
+
+/// An ICMP error at `icmp_at` about one of our TCP flows gets that flow's second chance: the
+/// quoted packet, turned around, is looked up like the flow's own packets; ours if a socket
+/// (not a listener) has it, else on to the next hop, else the last resort. Any other ICMP
+/// (not an error, or quoting no TCP packet this host could have sent) is decapsulated.
+#[inline(always)]
+fn icmp_error<F: Family>(
+    ctx: &XdpContext,
+    l2: &L2,
+    ip: &F::Ip,
+    udp: &UdpHdr,
+    hops: &HopsHdr,
+    icmp_at: usize,
+    outer_len: usize,
+) -> Outcome {
+    let decapsulated = Outcome::Accepted { reason: DecapReason::Decapsulated, outer_len };
+    let quote_at = icmp_at + ICMP_HEADER_LEN;
+    let (Some(icmp), Some(quoted), Some(ports)) = (
+        read_at::<IcmpHdr>(ctx, icmp_at),
+        read_at::<F::Ip>(ctx, quote_at),
+        read_at::<L4Ports>(ctx, quote_at + F::IP_LEN),
+    ) else {
+        return decapsulated;
+    };
+    let Some(flow) = F::quoted_tcp(&quoted).filter(|_| F::is_icmp_error(icmp.kind)) else { return decapsulated };
+    // Flags 0: no cookie to check, only a socket that knows the flow takes its error.
+    let turned = L4Ports { source: ports.dest, dest: ports.source };
+    if let Some(reason) = local_socket::<F>(ctx, &flow, turned, 0, 0) {
+        return Outcome::Accepted { reason, outer_len };
+    }
+    if hops.next_hop == hops.hop_count {
+        return Outcome::Accepted { reason: DecapReason::LastResort, outer_len };
+    }
+    forward::<F>(ctx, l2, ip, udp, hops, outer_len)
 }
 
 /// Whether a local socket takes the inner TCP packet (IP header `ip`, TCP header at `tcp_at`

@@ -5,6 +5,7 @@ use crate::{
     state::StateDir,
     Result,
 };
+use lb_common::maps::Reason;
 
 pub fn run(state: &StateDir, target: IfaceArgs, json: bool) -> Result<()> {
     let iface = target.enter()?;
@@ -107,6 +108,22 @@ pub fn render(status: &Status) -> String {
     line(
         &mut out,
         format!("verdicts  {}", if reasons.is_empty() { "none yet".to_owned() } else { reasons.join(", ") }),
+    );
+    let count = |reason: Reason| status.reasons.get(reason.name()).copied().unwrap_or(0);
+    line(
+        &mut out,
+        format!(
+            "icmp      too big answered {}, steered {}, echo answered {}, rate-limited {} (budget {}/s, bursts of {} \
+             per CPU), malformed {}, not a VIP's flow {}",
+            count(Reason::TooBigAnswered),
+            count(Reason::IcmpSteered),
+            count(Reason::EchoAnswered),
+            count(Reason::IcmpRateLimited),
+            lb_common::icmp::ICMP_ANSWERS_PER_SECOND,
+            lb_common::icmp::ICMP_ANSWER_BURST,
+            count(Reason::DropIcmpMalformed),
+            count(Reason::DropIcmpNotVipFlow),
+        ),
     );
     out
 }

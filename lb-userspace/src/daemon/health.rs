@@ -1,6 +1,16 @@
 //! Health checks of backends, sent from the load balancer host: a TCP connect or an HTTP GET
 //! per interval, turned into healthy / unhealthy by rise and fall counts.
+//!
+//! A check goes one of two ways ([`Route`]): directly, to the backend's own address, or
+//! through the tunnel: to the VIP's address, from a socket marked for that backend, whose
+//! packets the daemon's TC egress program (`kernel::health_tunnel`) encapsulates toward the
+//! backend, as the load balancer forwards a client's. The backend decapsulates, the VIP on its
+//! loopback answers, straight back to this host (direct server return; the load balancer's
+//! XDP program passes the answer, which is not to a VIP). So a pass through the tunnel proves
+//! what real traffic needs, and a broken decapsulator or a VIP missing on the backend fails it.
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::{
@@ -10,7 +20,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::generation::config::{HealthCheck, HealthProbe};
+use crate::{
+    generation::config::{HealthCheck, HealthProbe},
+    kernel::health_tunnel::TunnelCounters,
+};
 
 /// One backend of one VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,14 +93,38 @@ impl Health {
     }
 }
 
-/// Checks `id` forever, sending each result.
-pub(crate) fn spawn_checker(id: BackendId, check: HealthCheck, reports: mpsc::Sender<Report>) -> JoinHandle<()> {
+/// How one backend's checks reach it.
+#[derive(Clone)]
+pub(crate) enum Route {
+    Direct,
+    /// To `vip`, from sockets with `mark`: the tunnel program's target `index` (its counters).
+    Tunnel {
+        vip: IpAddr,
+        mark: u32,
+        index: u32,
+        counters: Arc<TunnelCounters>,
+        iface: String,
+    },
+}
+
+/// Checks `id` forever by `route`, sending each result.
+pub(crate) fn spawn_checker(
+    id: BackendId,
+    check: HealthCheck,
+    route: Route,
+    reports: mpsc::Sender<Report>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(Duration::from_millis(check.interval_ms));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let outcome = probe(&check, id.backend).await;
+            let outcome = match &route {
+                Route::Direct => probe(&check, id.backend).await,
+                Route::Tunnel { vip, mark, index, counters, iface } => {
+                    probe_through_tunnel(&check, *vip, *mark, counters, *index, iface).await
+                }
+            };
             if reports.send(Report { id: id.clone(), outcome }).await.is_err() {
                 return;
             }
@@ -103,13 +140,57 @@ fn local_failure(err: &std::io::Error) -> bool {
     )
 }
 
+/// A direct check: to the backend's own address.
 pub async fn probe(check: &HealthCheck, backend: IpAddr) -> Outcome {
-    let address = SocketAddr::new(backend, check.port);
+    probe_at(check, SocketAddr::new(backend, check.port), None).await
+}
+
+/// A check through the tunnel: to the VIP, from a socket marked for the tunnel program's
+/// target `index`. It says something about the backend only if the program encapsulated its
+/// packets: otherwise (the VIP is an address of this host, its route leaves by another
+/// interface, the program could not make room) the probe went elsewhere or nowhere, and it is
+/// "could not check".
+pub(crate) async fn probe_through_tunnel(
+    check: &HealthCheck,
+    vip: IpAddr,
+    mark: u32,
+    counters: &TunnelCounters,
+    index: u32,
+    iface: &str,
+) -> Outcome {
+    let before = match counters.read(index) {
+        Ok(counters) => counters,
+        Err(err) => return Outcome::Unchecked(format!("{err:#}")),
+    };
+    let outcome = probe_at(check, SocketAddr::new(vip, check.port), Some(mark)).await;
+    let after = match counters.read(index) {
+        Ok(counters) => counters,
+        Err(err) => return Outcome::Unchecked(format!("{err:#}")),
+    };
+    if after.failed > before.failed {
+        return Outcome::Unchecked(format!("the tunnel program on {iface} could not encapsulate the probe"));
+    }
+    if after.encapsulated == before.encapsulated && !matches!(outcome, Outcome::Unchecked(_)) {
+        return Outcome::Unchecked(format!(
+            "no packet of the probe to {vip} left through the tunnel program on {iface} (is the VIP an address of \
+             this host, or does its route leave by another interface?)"
+        ));
+    }
+    outcome
+}
+
+/// One check of `address`, from a socket with `mark` (SO_MARK) when given.
+async fn probe_at(check: &HealthCheck, address: SocketAddr, mark: Option<u32>) -> Outcome {
     // The socket first: failing to get one is this host's problem, never the backend's.
-    let socket = match if backend.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() } {
+    let socket = match if address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() } {
         Ok(socket) => socket,
         Err(err) => return Outcome::Unchecked(format!("no socket for the check: {err}")),
     };
+    if let Some(mark) = mark {
+        if let Err(err) = set_mark(&socket, mark) {
+            return Outcome::Unchecked(format!("marking the probe's socket (SO_MARK needs CAP_NET_ADMIN): {err}"));
+        }
+    }
     let attempt = async {
         let mut stream = match socket.connect(address).await {
             Ok(stream) => stream,
@@ -140,6 +221,24 @@ pub async fn probe(check: &HealthCheck, backend: IpAddr) -> Outcome {
         Ok(Ok(true)) => Outcome::Up,
         Ok(Ok(false)) | Err(_) => Outcome::Down,
         Ok(Err(local)) => Outcome::Unchecked(local),
+    }
+}
+
+fn set_mark(socket: &TcpSocket, mark: u32) -> std::io::Result<()> {
+    // SAFETY: setsockopt with a u32 option value on an open socket.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -207,7 +306,15 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let check = HealthCheck { probe: HealthProbe::Tcp, port, interval_ms: 100, timeout_ms: 500, rise: 1, fall: 1 };
+        let check = HealthCheck {
+            probe: HealthProbe::Tcp,
+            port,
+            via: None,
+            interval_ms: 100,
+            timeout_ms: 500,
+            rise: 1,
+            fall: 1,
+        };
         let backend: IpAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(runtime.block_on(probe(&check, backend)), Outcome::Up);
         // Use up every descriptor below a limit just above what is open now.
@@ -248,6 +355,7 @@ mod tests {
         let check = HealthCheck {
             probe: HealthProbe::Http { path: "/health".to_owned(), expect_status: 200 },
             port,
+            via: None,
             interval_ms: 100,
             timeout_ms: 300,
             rise: 1,

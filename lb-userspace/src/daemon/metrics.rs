@@ -28,12 +28,19 @@ use tokio::{
 };
 
 use super::health::BackendId;
-use crate::{ops::status, state::StateDir};
+use crate::{generation::config::HealthVia, ops::status, state::StateDir};
+
+/// One backend's health and how it was checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendHealth {
+    pub healthy: bool,
+    pub via: HealthVia,
+}
 
 /// What the daemon knows that the kernel does not.
 #[derive(Debug, Default)]
 pub struct DaemonState {
-    pub healthy: BTreeMap<BackendId, bool>,
+    pub healthy: BTreeMap<BackendId, BackendHealth>,
     pub fail_open: BTreeMap<String, bool>,
     pub swaps: BTreeMap<&'static str, u64>,
     pub reloads: BTreeMap<&'static str, u64>,
@@ -43,6 +50,8 @@ pub struct DaemonState {
     pub drifted: bool,
     /// Health checks this host could not make (no descriptor, no memory, no local port).
     pub unchecked: u64,
+    /// Health checks made, by how (tunnel, direct) and result (up, down, unchecked).
+    pub checks: BTreeMap<(HealthVia, &'static str), u64>,
 }
 
 pub type SharedState = Arc<Mutex<DaemonState>>;
@@ -183,9 +192,21 @@ impl Collector for BallastCollector {
         let healthy: Vec<(Labels, i64)> = state
             .healthy
             .iter()
-            .map(|(id, up)| (vec![("vip", id.vip.clone()), ("backend", id.backend.to_string())], i64::from(*up)))
+            .map(|(id, health)| {
+                let labels = vec![
+                    ("vip", id.vip.clone()),
+                    ("backend", id.backend.to_string()),
+                    ("via", health.via.name().to_owned()),
+                ];
+                (labels, i64::from(health.healthy))
+            })
             .collect();
-        gauge(&mut encoder, "ballast_backend_healthy", "1 if the backend passes its health check", &healthy)?;
+        gauge(
+            &mut encoder,
+            "ballast_backend_healthy",
+            "1 if the backend passes its health check; via: tunnel (to the VIP, encapsulated) or direct",
+            &healthy,
+        )?;
         let fail_open: Vec<(Labels, i64)> =
             state.fail_open.iter().map(|(v, open)| (vec![("vip", v.clone())], i64::from(*open))).collect();
         gauge(
@@ -214,6 +235,17 @@ impl Collector for BallastCollector {
             "1 while what runs on the interface is not the generation the daemon wants",
             u64::from(state.drifted),
             false,
+        )?;
+        let checks: Vec<(Labels, u64)> = state
+            .checks
+            .iter()
+            .map(|((via, result), n)| (vec![("via", via.name().to_owned()), ("result", (*result).to_owned())], *n))
+            .collect();
+        counter(
+            &mut encoder,
+            "ballast_health_checks",
+            "Health checks made, by way (tunnel: to the VIP, encapsulated; direct) and result (up, down, unchecked)",
+            &checks,
         )?;
         single(
             &mut encoder,

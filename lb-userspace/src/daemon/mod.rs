@@ -26,6 +26,9 @@
 //!   runs (`daemon.lineage_depth` predecessors), so flows whose slot changes owner keep their
 //!   backend; a backend its checks found dead is never a hop. `daemon.drain_period_s` after a
 //!   generation with lineage went in, its settled form takes over (README "Second chance").
+//! - Health checks go through the tunnel where they can (`health.via`, see [`health`]): the
+//!   daemon attaches its TC egress program to the interface for as long as it runs (a tcx
+//!   link only its process holds: it goes with the daemon, never left behind).
 //! - On SIGTERM/SIGINT the generation stays attached (immutable infrastructure) unless
 //!   `--detach-on-exit`.
 pub mod health;
@@ -47,19 +50,21 @@ use tokio::{
 };
 
 use self::{
-    health::{BackendId, Health, Outcome, Report},
-    metrics::{DaemonState, SharedState},
+    health::{BackendId, Health, Outcome, Report, Route},
+    metrics::{BackendHealth, DaemonState, SharedState},
 };
 use crate::{
     generation::{
+        address::parse_mac,
         artifact::Artifact,
-        config::{BackendConfig, Config},
+        config::{BackendConfig, Config, ConfigError, HealthVia},
         describe,
         digest::format_digest,
         lineage::LineageOptions,
         program::LOAD_BALANCER,
     },
     kernel::{
+        health_tunnel::{self, HealthTunnel},
         pins,
         running::{LinkState, Running},
         sys,
@@ -374,6 +379,14 @@ struct Daemon {
     checkers: Vec<JoinHandle<()>>,
     reports: (mpsc::Sender<Report>, mpsc::Receiver<Report>),
     shared: SharedState,
+    /// How each health-checked VIP (by name) is checked ([`Daemon::plan_routes`]).
+    routes: BTreeMap<String, HealthVia>,
+    /// The TC egress program of checks through the tunnel, once attached; why not, if it
+    /// could not be.
+    tunnel: Option<HealthTunnel>,
+    tunnel_error: Option<String>,
+    /// The next hop of encapsulated packets (`--gateway-mac`): probes through the tunnel go there.
+    gateway_mac: [u8; 6],
 }
 
 impl Daemon {
@@ -414,7 +427,12 @@ impl Daemon {
             }
             ReadDone::Failed { why, .. } => crate::bail!("{path}: reading it failed: {why}"),
         };
+        let gateway_mac = parse_mac(&options.attach.gateway_mac).context("--gateway-mac")?;
         let mut daemon = Daemon {
+            routes: BTreeMap::new(),
+            tunnel: None,
+            tunnel_error: None,
+            gateway_mac,
             config_stamp,
             reader,
             state,
@@ -437,6 +455,9 @@ impl Daemon {
             reports: mpsc::channel(1024),
             shared: Arc::new(Mutex::new(DaemonState::default())),
         };
+        // Before the generation is touched: an explicit tunnel check that cannot work stops here.
+        let config = daemon.config.clone();
+        daemon.routes = daemon.plan_routes(&config)?;
         daemon.seed_from_running();
         let (config, _) = daemon.desired();
         let artifact = daemon.next_artifact(&config)?;
@@ -600,26 +621,132 @@ impl Daemon {
         (config, failing_open)
     }
 
+    /// How each health-checked VIP of `config` is checked, by name: as its `health.via` says;
+    /// where it says nothing, through the tunnel when the daemon's TC program is attached (it
+    /// is attached here, once, when some VIP may use it) and the VIP is no address of this host,
+    /// else directly, with a warning. An explicit "tunnel" that cannot work is an error naming
+    /// the field.
+    fn plan_routes(&mut self, config: &Config) -> crate::Result<BTreeMap<String, HealthVia>> {
+        let wants_tunnel =
+            config.vips.iter().any(|v| v.health.as_ref().is_some_and(|h| h.via != Some(HealthVia::Direct)));
+        let iface = self.target.iface.clone();
+        if wants_tunnel && self.tunnel.is_none() {
+            match tokio::task::block_in_place(|| HealthTunnel::attach(&iface)) {
+                Ok(tunnel) => {
+                    info!(
+                        "{iface}: health checks through the tunnel: TC egress program {} attached",
+                        tunnel.program_id()
+                    );
+                    self.tunnel = Some(tunnel);
+                    self.tunnel_error = None;
+                }
+                Err(err) => self.tunnel_error = Some(format!("{err:#}")),
+            }
+        }
+        let host = if wants_tunnel { sys::host_addresses()? } else { Vec::new() };
+        let mut routes = BTreeMap::new();
+        for (i, vip) in config.vips.iter().enumerate() {
+            let Some(check) = &vip.health else { continue };
+            let name = describe(vip);
+            let obstacle = match (check.via, &self.tunnel) {
+                (Some(HealthVia::Direct), _) => {
+                    info!("VIP {name}: health checks direct (to the backends' own addresses), as configured");
+                    routes.insert(name, HealthVia::Direct);
+                    continue;
+                }
+                (_, None) => Some(format!(
+                    "the daemon's tunnel program is not attached to {iface}: {}",
+                    self.tunnel_error.as_deref().unwrap_or("not tried")
+                )),
+                (_, Some(_)) => host.iter().find(|(_, a)| *a == vip.address).map(|(dev, _)| {
+                    format!("{} is an address of this host (on {dev}): probes to it would never leave", vip.address)
+                }),
+            };
+            let via = match (obstacle, check.via) {
+                (None, _) => {
+                    info!("VIP {name}: health checks through the tunnel (to the VIP, encapsulated on {iface})");
+                    HealthVia::Tunnel
+                }
+                (Some(why), Some(HealthVia::Tunnel)) => {
+                    return Err(crate::Error::Config(ConfigError::new(
+                        format!("vip[{i}].health.via"),
+                        format!("\"tunnel\" cannot work for {name}: {why}"),
+                    )))
+                }
+                (Some(why), _) => {
+                    warn!(
+                        "VIP {name}: health checks go directly to the backends' own addresses, not through the \
+                         tunnel: {why} (health.via = \"direct\" says so; \"tunnel\" makes this an error)"
+                    );
+                    HealthVia::Direct
+                }
+            };
+            routes.insert(name, via);
+        }
+        Ok(routes)
+    }
+
     fn restart_checkers(&mut self) {
         for checker in self.checkers.drain(..) {
             checker.abort();
         }
         let mut kept = BTreeMap::new();
+        let (mut targets, mut planned) = (Vec::new(), Vec::new());
+        let counters = self.tunnel.as_ref().map(HealthTunnel::counters);
         for vip in &self.config.vips {
             let Some(check) = &vip.health else { continue };
+            let name = describe(vip);
+            let tunnel = (self.routes.get(&name) == Some(&HealthVia::Tunnel)).then_some(counters.as_ref()).flatten();
             for backend in &vip.backends {
-                let id = BackendId { vip: describe(vip), backend: backend.address };
+                let id = BackendId { vip: name.clone(), backend: backend.address };
                 kept.insert(id.clone(), self.health.get(&id).copied().unwrap_or_default());
-                self.checkers.push(health::spawn_checker(id, check.clone(), self.reports.0.clone()));
+                let route = match tunnel {
+                    Some(counters) => {
+                        let index = targets.len() as u32;
+                        targets.push(health_tunnel::Target {
+                            vip: vip.address,
+                            backend: backend.address,
+                            gateway_mac: self.gateway_mac,
+                        });
+                        Route::Tunnel {
+                            vip: vip.address,
+                            mark: lb_common::health::health_mark(index),
+                            index,
+                            counters: Arc::clone(counters),
+                            iface: self.target.iface.clone(),
+                        }
+                    }
+                    None => Route::Direct,
+                };
+                planned.push((id, check.clone(), route));
             }
+        }
+        // The targets before the first probe that needs them.
+        if let Some(tunnel) = self.tunnel.as_mut() {
+            if let Err(err) = tokio::task::block_in_place(|| tunnel.set_targets(&targets)) {
+                // Probes without a target are dropped, not sent another way: "could not check".
+                error!("{}: filling the tunnel program's targets failed: {err:#}", self.target.iface);
+            }
+        }
+        for (id, check, route) in planned {
+            self.checkers.push(health::spawn_checker(id, check, route, self.reports.0.clone()));
         }
         self.health = kept;
         self.publish_health();
     }
 
+    /// How the VIP named `vip` is checked.
+    fn via(&self, vip: &str) -> HealthVia {
+        self.routes.get(vip).copied().unwrap_or(HealthVia::Direct)
+    }
+
     fn publish_health(&self) {
         if let Ok(mut shared) = self.shared.lock() {
-            shared.healthy = self.health.iter().map(|(id, h)| (id.clone(), h.healthy)).collect();
+            shared.healthy = self
+                .health
+                .iter()
+                .map(|(id, h)| (id.clone(), BackendHealth { healthy: h.healthy, via: self.via(&id.vip) }))
+                .collect();
         }
     }
 
@@ -628,6 +755,15 @@ impl Daemon {
         else {
             return;
         };
+        let via = self.via(&report.id.vip);
+        let result = match report.outcome {
+            Outcome::Up => "up",
+            Outcome::Down => "down",
+            Outcome::Unchecked(_) => "unchecked",
+        };
+        if let Ok(mut shared) = self.shared.lock() {
+            *shared.checks.entry((via, result)).or_default() += 1;
+        }
         let ok = match report.outcome {
             Outcome::Up => true,
             Outcome::Down => false,
@@ -637,8 +773,11 @@ impl Daemon {
                 }
                 if self.unchecked.insert(report.id.clone()) {
                     warn!(
-                        "backend {} of {}: could not check ({why}); its health stays as it is until a check can be made",
-                        report.id.backend, report.id.vip
+                        "backend {} of {}: could not check ({why}; {} check); its health stays as it is until a \
+                         check can be made",
+                        report.id.backend,
+                        report.id.vip,
+                        via.name()
                     );
                 }
                 return;
@@ -647,10 +786,11 @@ impl Daemon {
         if self.unchecked.remove(&report.id) {
             info!("backend {} of {}: checks can be made again", report.id.backend, report.id.vip);
         }
+        let via = via.name();
         let Some(health) = self.health.get_mut(&report.id) else { return };
         if health.record(ok, check.rise, check.fall) {
             let state = if health.healthy { "healthy" } else { "unhealthy" };
-            info!("backend {} of {} is now {state}", report.id.backend, report.id.vip);
+            info!("backend {} of {} is now {state} ({via} check)", report.id.backend, report.id.vip);
             self.pending_health.push(format!("{} of {} {state}", report.id.backend, report.id.vip));
             self.publish_health();
         }
@@ -703,12 +843,22 @@ impl Daemon {
                         "invalid"
                     }
                     Ok(config) if config == self.config => "unchanged",
-                    Ok(config) => {
-                        self.config = config;
-                        self.restart_checkers();
-                        self.apply("reload", format!("config reloaded ({trigger})"));
-                        "ok"
-                    }
+                    Ok(config) => match self.plan_routes(&config) {
+                        Err(err) => {
+                            error!(
+                                "reload ({trigger}): {err:#}; the running generation {} and its checks stay",
+                                self.running
+                            );
+                            "invalid"
+                        }
+                        Ok(routes) => {
+                            self.config = config;
+                            self.routes = routes;
+                            self.restart_checkers();
+                            self.apply("reload", format!("config reloaded ({trigger})"));
+                            "ok"
+                        }
+                    },
                 })
             }
             ReadDone::TimedOut { trigger } => {

@@ -133,11 +133,34 @@ pub enum HealthProbe {
     Http { path: String, expect_status: u16 },
 }
 
+/// How a health check reaches a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum HealthVia {
+    /// To the VIP's address, encapsulated toward the backend as the load balancer forwards
+    /// (the daemon's TC egress program): a pass proves the whole path real traffic takes.
+    Tunnel,
+    /// To the backend's own address.
+    Direct,
+}
+
+impl HealthVia {
+    pub fn name(self) -> &'static str {
+        match self {
+            HealthVia::Tunnel => "tunnel",
+            HealthVia::Direct => "direct",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct HealthCheck {
     pub probe: HealthProbe,
-    /// Port probed on each backend's own address (default: the VIP's port).
+    /// Port probed (default: the VIP's port): on the VIP's address through the tunnel, on the
+    /// backend's own address directly.
     pub port: u16,
+    /// As configured; None: through the tunnel where the daemon can attach its program, else
+    /// directly (with a warning).
+    pub via: Option<HealthVia>,
     pub interval_ms: u64,
     pub timeout_ms: u64,
     /// Consecutive successes that make an unhealthy backend healthy, failures the reverse.
@@ -196,6 +219,7 @@ struct RawDaemon {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     kind: Option<String>,
+    via: Option<String>,
     port: Option<i64>,
     path: Option<String>,
     expect_status: Option<i64>,
@@ -324,6 +348,7 @@ const HEALTH_SHAPE: Shape = Shape::Table(
     "a health table such as { kind = \"tcp\", interval_ms = 1000 }",
     &[
         ("kind", Shape::Text),
+        ("via", Shape::Text),
         ("port", Shape::Integer),
         ("path", Shape::Text),
         ("expect_status", Shape::Integer),
@@ -614,11 +639,17 @@ fn validate_health(at: &dyn Fn(&str) -> String, raw: RawHealth, vip_port: u16) -
             .filter(|&p| p != 0)
             .ok_or_else(|| ConfigError::new(at("health.port"), format!("{p} is not a port (1 to 65535)")))?,
     };
+    let via = match raw.via.as_deref() {
+        None => None,
+        Some("tunnel") => Some(HealthVia::Tunnel),
+        Some("direct") => Some(HealthVia::Direct),
+        Some(other) => return Err(ConfigError::new(at("health.via"), format!("'{other}' is not tunnel or direct"))),
+    };
     let interval_ms = in_range(&at("health.interval_ms"), raw.interval_ms, 1_000, 10, 3_600_000)?;
     let timeout_ms = in_range(&at("health.timeout_ms"), raw.timeout_ms, interval_ms.min(1_000) / 2, 1, interval_ms)?;
     let rise = in_range(&at("health.rise"), raw.rise, 2, 1, 100)? as u32;
     let fall = in_range(&at("health.fall"), raw.fall, 3, 1, 100)? as u32;
-    Ok(HealthCheck { probe, port, interval_ms, timeout_ms, rise, fall })
+    Ok(HealthCheck { probe, port, via, interval_ms, timeout_ms, rise, fall })
 }
 
 fn validate_vip(i: usize, raw: RawVip) -> Result<VipConfig, ConfigError> {
@@ -1413,5 +1444,45 @@ mod tests {
                 ("2001:db8::10".to_owned(), 443, "tcp".to_owned()),
             ]
         );
+    }
+
+    /// `health.via`: absent means "the daemon decides" (None), "tunnel" and "direct" are
+    /// kept; anything else is refused naming the field.
+    #[test]
+    fn health_via_parses_and_bad_values_are_refused_by_name() {
+        let via_of = |via: &str| {
+            let text = one_vip(&format!("health = {{ kind = \"tcp\"{via} }}"), two_backends());
+            Config::from_toml_str(&text).map(|c| c.vips[0].health.clone().unwrap().via)
+        };
+        assert_eq!(via_of(""), Ok(None));
+        assert_eq!(via_of(", via = \"tunnel\""), Ok(Some(HealthVia::Tunnel)));
+        assert_eq!(via_of(", via = \"direct\""), Ok(Some(HealthVia::Direct)));
+        for (bad, message) in [
+            ("\"Tunnel\"", "'Tunnel' is not tunnel or direct"),
+            ("\"ipip\"", "'ipip' is not tunnel or direct"),
+            ("\"\"", "'' is not tunnel or direct"),
+            ("true", "true is a boolean; expected a string"),
+            ("1", "1 is an integer; expected a string"),
+        ] {
+            refused(
+                &one_vip(&format!("health = {{ kind = \"http\", via = {bad} }}"), two_backends()),
+                "vip[0].health.via",
+                &[message],
+            );
+        }
+    }
+
+    /// How health checks run is a daemon setting: it changes no forwarding, so neither the
+    /// canonical config (what the digest covers) nor the generation sees it.
+    #[test]
+    fn health_via_is_not_part_of_the_generation() {
+        let canonical = |via: &str| {
+            let text = one_vip(&format!("health = {{ kind = \"tcp\"{via} }}"), two_backends());
+            Config::from_toml_str(&text).unwrap().to_canonical_json()
+        };
+        let without = Config::from_toml_str(&one_vip("", two_backends())).unwrap().to_canonical_json();
+        for via in ["", ", via = \"tunnel\"", ", via = \"direct\""] {
+            assert_eq!(canonical(via), without, "{via}");
+        }
     }
 }

@@ -32,9 +32,13 @@ fn sum_counters(map: &Map) -> crate::Result<Vec<Counter>> {
         .collect()
 }
 
+/// `len` slots summed over CPUs; slots past the map's end read 0: counter maps pinned by an
+/// older program, with fewer reasons, stay readable.
 fn sum_per_cpu<T: Pod + Into<u64>>(map: &Map, len: u32) -> crate::Result<Vec<u64>> {
     let array = PerCpuArray::<_, T>::try_from(map)?;
-    (0..len).map(|i| Ok(array.get(&i, 0)?.iter().map(|v| (*v).into()).sum())).collect()
+    (0..len)
+        .map(|i| if i < array.len() { Ok(array.get(&i, 0)?.iter().map(|v| (*v).into()).sum()) } else { Ok(0) })
+        .collect()
 }
 
 impl CounterSnapshot {

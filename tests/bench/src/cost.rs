@@ -134,31 +134,43 @@ fn measure_row(
     let deployed = scenario.for_kind(case.class.kind())?;
     let frame = case.class.frame(&deployed.plan, macs);
     harness.set_frame(&frame, case.new_flow, 0)?;
-    // The first target must be xdp_drop: its figure is the harness's own cost.
-    let targets = [
+    let targets = targets(reference, deployed.loaded.program()?, case.class.expected().action())?;
+    let before = Observed::read(harness, deployed)?;
+    let (raw, ballast_packets) = run_rounds(settings, harness, &targets, &frame.bytes, || Ok(()))?;
+    let after = Observed::read(harness, deployed)?;
+    let proof = prove(&before, &after, deployed, case, ballast_packets)?;
+    let label = RowLabel {
+        scenario: scenario.label.clone(),
+        class: case.name(),
+        new_flow: case.new_flow,
+        encapsulates: case.class.expected() == Reason::Forwarded,
+    };
+    Ok(row(label, frame.bytes.len(), raw, proof))
+}
+
+/// The targets of a packet-cost row: the reference programs, then ballast's `program`, which
+/// must return `action`. The first is xdp_drop: its figure is the harness's own cost.
+pub(super) fn targets<'a>(reference: &'a Reference, program: &'a Xdp, action: u32) -> anyhow::Result<[Target<'a>; 5]> {
+    Ok([
         Target { name: "xdp_drop", program: reference.xdp_drop()?, action: XDP_DROP },
         Target { name: "baseline", program: reference.baseline()?, action: XDP_TX },
         Target { name: "helper_call", program: reference.helper_call()?, action: XDP_TX },
         Target { name: "encap_floor", program: reference.encap_floor()?, action: XDP_TX },
-        Target { name: "ballast", program: deployed.loaded.program()?, action: case.class.expected().action() },
-    ];
-    let before = Observed::read(harness, deployed)?;
-    let (raw, ballast_packets) = run_rounds(settings, harness, &targets, &frame.bytes)?;
-    let after = Observed::read(harness, deployed)?;
-    let proof = prove(&before, &after, deployed, case, ballast_packets)?;
-    Ok(row(scenario, case, frame.bytes.len(), raw, proof))
+        Target { name: "ballast", program, action },
+    ])
 }
 
 /// A warm-up round, then `settings.runs` rounds of: the harness into each target in turn
 /// (so drift hits all alike), then `xdp_drop` alone. Returns the figures and how many
 /// packets each target ran.
-fn run_rounds(
+pub(super) fn run_rounds(
     settings: &Settings,
     harness: &mut Harness,
     targets: &[Target; 5],
     frame: &[u8],
+    before_run: impl FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<(Raw, u64)> {
-    let (series, floor, packets) = run_target_rounds(settings, harness, targets, frame)?;
+    let (series, floor, packets) = run_target_rounds_with(settings, harness, targets, frame, before_run)?;
     let [harness, baseline, helper_call, encap_floor, ballast] = series;
     Ok((Raw { harness, baseline, helper_call, encap_floor, ballast, floor }, packets))
 }
@@ -171,12 +183,25 @@ pub(super) fn run_target_rounds<const N: usize>(
     targets: &[Target; N],
     frame: &[u8],
 ) -> anyhow::Result<([Vec<f64>; N], Vec<f64>, u64)> {
+    run_target_rounds_with(settings, harness, targets, frame, || Ok(()))
+}
+
+/// [`run_target_rounds`], calling `before_run` before every run of a target (outside the
+/// time the kernel measures): to put state the program under test spends back as it was.
+pub(super) fn run_target_rounds_with<const N: usize>(
+    settings: &Settings,
+    harness: &mut Harness,
+    targets: &[Target; N],
+    frame: &[u8],
+    mut before_run: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<([Vec<f64>; N], Vec<f64>, u64)> {
     let mut series: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
     let mut floor = Vec::new();
     let mut packets = 0u64;
     for round in 0..=settings.runs {
         let repeat = if round == 0 { settings.warmup_repeat } else { settings.repeat };
         for (target, series) in targets.iter().zip(series.iter_mut()) {
+            before_run()?;
             let ns = run_target(harness, target, repeat)?;
             if round > 0 {
                 series.push(ns);
@@ -210,7 +235,7 @@ fn run_target(harness: &mut Harness, target: &Target, repeat: u32) -> anyhow::Re
 }
 
 /// The per-run figures of a row, ns per packet.
-struct Raw {
+pub(super) struct Raw {
     harness: Vec<f64>,
     baseline: Vec<f64>,
     helper_call: Vec<f64>,
@@ -219,7 +244,16 @@ struct Raw {
     floor: Vec<f64>,
 }
 
-fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Proof) -> CostRow {
+/// What a row is of: `encapsulates` when ballast's packet goes out in an outer header (so
+/// ballast − encapsulation floor is what its decisions cost).
+pub(super) struct RowLabel {
+    pub(super) scenario: String,
+    pub(super) class: String,
+    pub(super) new_flow: bool,
+    pub(super) encapsulates: bool,
+}
+
+pub(super) fn row(label: RowLabel, frame_bytes: usize, raw: Raw, proof: Proof) -> CostRow {
     let Raw { harness, baseline, helper_call, encap_floor, ballast, floor } = raw;
     let net =
         |raw: &[f64]| -> Summary { Summary::of(&raw.iter().zip(&harness).map(|(r, h)| r - h).collect::<Vec<_>>()) };
@@ -234,11 +268,11 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
         ("ballast", &ballast),
         ("xdp_drop alone", &floor),
     ];
-    let warnings = spread_warnings(&format!("{} / {}", scenario.label, case.name()), &runs);
+    let warnings = spread_warnings(&format!("{} / {}", label.scenario, label.class), &runs);
     CostRow {
-        scenario: scenario.label.clone(),
-        class: case.name(),
-        new_flow: case.new_flow,
+        scenario: label.scenario,
+        class: label.class,
+        new_flow: label.new_flow,
         frame_bytes,
         harness_ns: Summary::of(&harness),
         floor_ns,
@@ -250,8 +284,7 @@ fn row(scenario: &Scenario, case: Case, frame_bytes: usize, raw: Raw, proof: Pro
         ratio: (baseline_ns.median >= 1.0).then(|| ballast_ns.median / baseline_ns.median),
         standalone_ratio: (ballast_ns.median + floor_ns.median) / (baseline_ns.median + floor_ns.median),
         helper_call_over_baseline_ns: helper_call_ns.median - baseline_ns.median,
-        over_encap_floor_ns: (case.class.expected() == Reason::Forwarded)
-            .then_some(ballast_ns.median - encap_floor_ns.median),
+        over_encap_floor_ns: label.encapsulates.then_some(ballast_ns.median - encap_floor_ns.median),
         floor_raw_ns: floor,
         harness_raw_ns: harness,
         baseline_raw_ns: baseline,
@@ -298,8 +331,7 @@ impl Observed {
     }
 }
 
-/// Every packet ballast saw must have taken the class's path: counted under its reason and
-/// nothing else, for the target VIP, on one backend (fixed flow) or several (new flows).
+/// Every packet ballast saw must have taken the class's path (`prove_expected`).
 pub(super) fn prove(
     before: &Observed,
     after: &Observed,
@@ -307,14 +339,40 @@ pub(super) fn prove(
     case: Case,
     packets: u64,
 ) -> anyhow::Result<Proof> {
+    let expected = Expected {
+        reason: case.class.expected(),
+        vip_index: target_vip_index(deployed, case.class),
+        new_flow: case.new_flow,
+    };
+    prove_expected(before, after, &expected, packets)
+}
+
+/// What every packet of a row must have done: be counted under `reason` (and, forwarded,
+/// for the VIP `vip_index`).
+pub(super) struct Expected {
+    pub(super) reason: Reason,
+    pub(super) vip_index: Option<usize>,
+    pub(super) new_flow: bool,
+}
+
+/// Every packet ballast saw must have been counted under `expected.reason` and nothing else;
+/// forwarded, for its VIP, on one backend (fixed flow) or several (new flows); otherwise for
+/// no VIP and no backend.
+pub(super) fn prove_expected(
+    before: &Observed,
+    after: &Observed,
+    expected: &Expected,
+    packets: u64,
+) -> anyhow::Result<Proof> {
+    let new_flow = expected.new_flow;
+    let expected_reason = expected.reason;
     ensure!(
         after.harness_failures == before.harness_failures,
         "the harness failed {} times to restore the frame or to tail-call",
         after.harness_failures - before.harness_failures
     );
     let reasons = delta(&after.ballast.reasons, &before.ballast.reasons);
-    let expected = case.class.expected();
-    let moved = reasons[expected as usize];
+    let moved = reasons[expected_reason as usize];
     if moved != packets || reasons.iter().sum::<u64>() != packets {
         let all: Vec<String> = Reason::ALL
             .iter()
@@ -324,7 +382,7 @@ pub(super) fn prove(
             .collect();
         bail!(
             "ballast did not take the intended path: {} moved by {moved} for {packets} packets run (all reasons moved: {})",
-            expected.name(),
+            expected_reason.name(),
             all.join(", ")
         );
     }
@@ -335,21 +393,21 @@ pub(super) fn prove(
     };
     let vips = packets_of(&after.ballast.vips, &before.ballast.vips);
     let backends_hit = packets_of(&after.ballast.backends, &before.ballast.backends).iter().filter(|&&n| n > 0).count();
-    let vip_packets = target_vip_index(deployed, case.class).map_or(0, |index| vips.get(index).copied().unwrap_or(0));
-    let forwarded = expected == Reason::Forwarded;
+    let vip_packets = expected.vip_index.map_or(0, |index| vips.get(index).copied().unwrap_or(0));
+    let forwarded = expected_reason == Reason::Forwarded;
     let expected_vip_packets = if forwarded { packets } else { 0 };
     ensure!(
         vip_packets == expected_vip_packets && vips.iter().sum::<u64>() == expected_vip_packets,
         "VIP counters moved by {} in all, {vip_packets} for the target VIP; {expected_vip_packets} expected",
         vips.iter().sum::<u64>()
     );
-    let backends_ok = match (forwarded, case.new_flow) {
+    let backends_ok = match (forwarded, new_flow) {
         (false, _) => backends_hit == 0,
         (true, false) => backends_hit == 1,
         (true, true) => backends_hit > 1,
     };
-    ensure!(backends_ok, "{backends_hit} backends received packets (new flow per packet: {})", case.new_flow);
-    Ok(Proof { packets, reason: expected.name(), vip_packets, backends_hit })
+    ensure!(backends_ok, "{backends_hit} backends received packets (new flow per packet: {new_flow})");
+    Ok(Proof { packets, reason: expected_reason.name(), vip_packets, backends_hit })
 }
 
 fn target_vip_index(deployed: &Deployed, class: Class) -> Option<usize> {

@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: what ballast costs.
 //!
 //! 1. Per-packet cost of each packet class, beside a minimal XDP forwarder (the baseline),
-//!    of second chance's paths in a lineage generation (`second_chance`), and of the
-//!    backend decapsulator's decisions (`decap`):
+//!    of second chance's paths in a lineage generation (`second_chance`), of the ICMP the
+//!    load balancer answers and steers (`icmp`), and of the backend decapsulator's decisions
+//!    (`decap`):
 //!    BPF_PROG_TEST_RUN in repeat mode through a harness that restores the frame every run
 //!    (repeat mode reuses one buffer, and an encapsulating program would otherwise see its own
 //!    output), with the harness's own cost measured and subtracted, and ballast's counters
@@ -17,6 +18,7 @@ mod control;
 mod cost;
 mod decap;
 mod forwarding;
+mod icmp;
 mod lab;
 mod plan;
 mod programs;
@@ -51,11 +53,15 @@ pub struct Options {
 }
 
 /// How much of everything: full mode for figures, quick mode for CI.
+#[derive(Clone, Copy)]
 pub struct Settings {
     /// Packet cost: runs per figure, packets per run, packets of the warm-up run.
     pub runs: usize,
     pub repeat: u32,
     pub warmup_repeat: u32,
+    /// Runs of the ICMP rows whose every packet is answered (`icmp::ANSWERED_REPEAT` packets
+    /// each: the answer budget's burst bounds a run).
+    pub answered_runs: usize,
     pub forward_seconds: f64,
     pub forward_runs: usize,
     pub control_runs: usize,
@@ -68,6 +74,7 @@ impl Settings {
                 runs: 3,
                 repeat: 20_000,
                 warmup_repeat: 2_000,
+                answered_runs: 21,
                 forward_seconds: 0.2,
                 forward_runs: 1,
                 control_runs: 1,
@@ -79,6 +86,7 @@ impl Settings {
                 runs: 21,
                 repeat: 300_000,
                 warmup_repeat: 100_000,
+                answered_runs: 501,
                 forward_seconds: 1.5,
                 forward_runs: 5,
                 control_runs: 5,
@@ -147,12 +155,15 @@ fn worker(options: Options, settings: &Settings, lab: &Lab, cpu: usize) -> anyho
     let scenario_info = scenarios.iter().map(Scenario::info).collect::<anyhow::Result<Vec<_>>>()?;
     let packet_cost = cost::measure(settings, &mut harness, &reference, &scenarios, ends.macs())?;
     let second_chance = second_chance::measure(settings, &mut harness, &reference, &host, ends.macs())?;
+    let rig = second_chance::Rig { settings, harness: &mut harness, reference: &reference, macs: ends.macs() };
+    let icmp = icmp::measure(rig, &host)?;
     let decapsulator = decap::measure(settings, &mut harness, &reference)?;
     let forwarding = forwarding::measure(settings, &mut harness, &mut reference, &mut scenarios, &ends)?;
     drop(scenarios);
     let control_plane = control::measure(settings, &host, ends.lb.index)?;
     let mut warnings: Vec<String> = packet_cost.rows.iter().flat_map(|row| row.warnings.clone()).collect();
     warnings.extend(second_chance.rows.iter().flat_map(|row| row.warnings.clone()));
+    warnings.extend(icmp.rows.iter().flat_map(|row| row.cost.warnings.clone()));
     warnings.extend(decapsulator.rows.iter().flat_map(|row| row.warnings.clone()));
     warnings.extend(forwarding.rows.iter().filter_map(|row| row.mpps.warning(&format!("forwarding / {}", row.target))));
     Ok(Report {
@@ -166,6 +177,7 @@ fn worker(options: Options, settings: &Settings, lab: &Lab, cpu: usize) -> anyho
         scenarios: scenario_info,
         packet_cost,
         second_chance,
+        icmp,
         decapsulator,
         forwarding,
         control_plane,

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ballast::generation::address::addr_words;
-use bytemuck::bytes_of;
+use bytemuck::{bytes_of, pod_read_unaligned};
 use lb_common::{
     maps::Reason,
     wire::{
@@ -249,7 +249,7 @@ pub struct Macs {
 }
 
 #[derive(Clone, Copy)]
-enum Transport {
+pub enum Transport {
     /// With these flags.
     Tcp(u8),
     Udp,
@@ -268,25 +268,52 @@ pub struct Frame {
 impl Frame {
     /// A frame from the client (of the destination's family) to `dst`.
     fn build(macs: Macs, dst: IpAddr, dport: u16, transport: Transport) -> Frame {
-        let transport_bytes = transport.header(dport);
-        let (ether_type, ip_header, saddr_word_offset) = match dst {
-            IpAddr::V4(d) => (ETH_P_IP, ipv4_header(CLIENT_V4, d, &transport, transport_bytes.len()), 12),
-            IpAddr::V6(d) => (ETH_P_IPV6, ipv6_header(CLIENT_V6, d, &transport, transport_bytes.len()), 20),
+        let addresses = match dst {
+            IpAddr::V4(d) => Addresses::V4(CLIENT_V4, d),
+            IpAddr::V6(d) => Addresses::V6(CLIENT_V6, d),
+        };
+        Frame::ip(macs, addresses, transport.protocol(), &transport.segment(CLIENT_PORT, dport))
+    }
+
+    /// A frame carrying the IP packet between `addresses` of `protocol` with `payload` (IPv4:
+    /// DF set).
+    pub fn ip(macs: Macs, addresses: Addresses, protocol: u8, payload: &[u8]) -> Frame {
+        let (ether_type, ip_header, saddr_word_offset) = match addresses {
+            Addresses::V4(s, d) => (ETH_P_IP, ipv4_header(s, d, protocol, payload.len()), 12),
+            Addresses::V6(s, d) => (ETH_P_IPV6, ipv6_header(s, d, protocol, payload.len()), 20),
         };
         let eth = EthHdr { dst: macs.dst, src: macs.src, ether_type: ether_type.to_be() };
         let mut bytes = bytes_of(&eth).to_vec();
         bytes.extend_from_slice(&ip_header);
         let sport_offset = bytes.len();
-        bytes.extend_from_slice(&transport_bytes);
+        bytes.extend_from_slice(payload);
         // Ethernet padding after the IP packet, as a NIC would add.
         let len = bytes.len().max(MIN_FRAME).next_multiple_of(8);
         bytes.resize(len, 0);
         Frame { bytes, sport_offset, saddr_word_offset: ETH_HEADER_LEN + saddr_word_offset }
     }
+
+    /// The IP packet the frame carries (without the link layer and the padding).
+    pub fn ip_packet(&self) -> &[u8] {
+        let ip = &self.bytes[ETH_HEADER_LEN..];
+        let len = if ip[0] >> 4 == 4 {
+            usize::from(pod_read_unaligned::<Ipv4Hdr>(&ip[..size_of::<Ipv4Hdr>()]).total_len())
+        } else {
+            size_of::<Ipv6Hdr>() + usize::from(pod_read_unaligned::<Ipv6Hdr>(&ip[..size_of::<Ipv6Hdr>()]).payload_len())
+        };
+        &ip[..len]
+    }
+}
+
+/// Source and destination of an IP packet, of one family.
+#[derive(Clone, Copy, Debug)]
+pub enum Addresses {
+    V4(Ipv4Addr, Ipv4Addr),
+    V6(Ipv6Addr, Ipv6Addr),
 }
 
 impl Transport {
-    fn protocol(&self) -> u8 {
+    pub fn protocol(&self) -> u8 {
         match self {
             Transport::Tcp(_) => IPPROTO_TCP,
             Transport::Udp => IPPROTO_UDP,
@@ -295,9 +322,9 @@ impl Transport {
 
     /// The transport header and payload; checksums are left 0 (nothing on the path checks
     /// them).
-    fn header(&self, dport: u16) -> Vec<u8> {
+    pub fn segment(&self, sport: u16, dport: u16) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(&CLIENT_PORT.to_be_bytes());
+        out.extend_from_slice(&sport.to_be_bytes());
         out.extend_from_slice(&dport.to_be_bytes());
         match self {
             Transport::Tcp(flags) => {
@@ -317,7 +344,7 @@ impl Transport {
     }
 }
 
-fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, transport: &Transport, transport_len: usize) -> Vec<u8> {
+fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, transport_len: usize) -> Vec<u8> {
     let mut ip = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,
@@ -325,7 +352,7 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, transport: &Transport, transport_le
         id: 0,
         frag_off: IPV4_DONT_FRAGMENT.to_be(),
         ttl: 64,
-        protocol: transport.protocol(),
+        protocol,
         check: 0,
         saddr: u32::from_ne_bytes(src.octets()),
         daddr: u32::from_ne_bytes(dst.octets()),
@@ -334,12 +361,12 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, transport: &Transport, transport_le
     bytes_of(&ip).to_vec()
 }
 
-fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, transport: &Transport, transport_len: usize) -> Vec<u8> {
+fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, protocol: u8, transport_len: usize) -> Vec<u8> {
     let words = |a: Ipv6Addr| addr_words(IpAddr::V6(a));
     let ip = Ipv6Hdr {
         version_class_flow: (6u32 << 28).to_be(),
         payload_len: (transport_len as u16).to_be(),
-        next_header: transport.protocol(),
+        next_header: protocol,
         hop_limit: 64,
         saddr: words(src),
         daddr: words(dst),

@@ -5,7 +5,12 @@ use ballast::kernel::loader::VerifierStats;
 use serde::Serialize;
 
 use super::{
-    control::ControlPlane, cost::PacketCost, decap::DecapCost, forwarding::Forwarding, second_chance::SecondChanceCost,
+    control::ControlPlane,
+    cost::{CostRow, PacketCost},
+    decap::DecapCost,
+    forwarding::Forwarding,
+    icmp::IcmpCost,
+    second_chance::SecondChanceCost,
     stats::Summary,
 };
 
@@ -26,6 +31,8 @@ pub struct Report {
     pub scenarios: Vec<ScenarioInfo>,
     pub packet_cost: PacketCost,
     pub second_chance: SecondChanceCost,
+    /// The load balancer's ICMP: too-big answers, steering, echo replies, the budget.
+    pub icmp: IcmpCost,
     /// The backend's decapsulator, per decision.
     pub decapsulator: DecapCost,
     pub forwarding: Forwarding,
@@ -68,6 +75,7 @@ impl Report {
         self.scenarios_md(&mut out);
         self.cost_md(&mut out);
         self.second_chance.markdown(&mut out);
+        self.icmp.markdown(&mut out);
         self.decapsulator.markdown(&mut out);
         self.forwarding_md(&mut out);
         self.control_md(&mut out);
@@ -117,32 +125,7 @@ impl Report {
              was rescheduled left out). ballast's counters proved every packet took the class's path.\n",
             cost.runs, cost.repeat
         );
-        let _ = writeln!(
-            out,
-            "| Generation | Class | ballast ns | baseline ns | ballast − baseline ns | ratio net | ratio alone | harness ns (subtracted) | floor ns | checked |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
-        for row in &cost.rows {
-            let checked = match row.proof.backends_hit {
-                0 => format!("{} {}", millions(row.proof.packets), row.proof.reason),
-                1 => format!("{} {}, 1 backend", millions(row.proof.packets), row.proof.reason),
-                n => format!("{} {}, {n} backends", millions(row.proof.packets), row.proof.reason),
-            };
-            let ratio = row.ratio.map_or("–".to_owned(), |r| format!("{r:.1}×"));
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {:+.1} | {ratio} | {:.2}× | {} | {} | {checked} |",
-                row.scenario,
-                row.class,
-                range(&row.ballast_ns, 1),
-                range(&row.baseline_ns, 1),
-                row.diff_ns,
-                row.standalone_ratio,
-                range(&row.harness_ns, 1),
-                range(&row.floor_ns, 1),
-            );
-        }
-        let _ = writeln!(out);
+        cost_table(out, cost.rows.iter());
         self.cost_breakdown_md(out);
     }
 
@@ -160,24 +143,7 @@ impl Report {
              ballast − encapsulation floor is what ballast's decisions cost: VIP lookup, flow hash, Maglev table, \
              backend, checks and counters.\n"
         );
-        let _ = writeln!(
-            out,
-            "| Generation | Class | helper call − baseline | encapsulation floor − baseline | ballast − encapsulation floor | ballast − baseline |"
-        );
-        let _ = writeln!(out, "|---|---|---|---|---|---|");
-        for row in &self.packet_cost.rows {
-            let decisions = row.over_encap_floor_ns.map_or("– (not forwarded)".to_owned(), |d| format!("{d:+.1}"));
-            let _ = writeln!(
-                out,
-                "| {} | {} | {:+.1} | {:+.1} | {decisions} | {:+.1} |",
-                row.scenario,
-                row.class,
-                row.helper_call_over_baseline_ns,
-                row.encap_floor_ns.median - row.baseline_ns.median,
-                row.diff_ns,
-            );
-        }
-        let _ = writeln!(out);
+        cost_breakdown_table(out, self.packet_cost.rows.iter());
     }
 
     fn forwarding_md(&self, out: &mut String) {
@@ -281,4 +247,61 @@ impl Report {
         let _ =
             writeln!(out, "\nPer-CPU counter maps are charged once per possible CPU ({} here).\n", self.possible_cpus);
     }
+}
+
+/// The per-packet cost table of `rows`.
+pub(super) fn cost_table<'a>(out: &mut String, rows: impl Iterator<Item = &'a CostRow>) {
+    let _ = writeln!(
+        out,
+        "| Generation | Class | ballast ns | baseline ns | ballast − baseline ns | ratio net | ratio alone | harness ns (subtracted) | floor ns | checked |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        // The ICMP rows that answer run a few thousand packets in all.
+        let packets = match row.proof.packets {
+            n if n < 10_000 => n.to_string(),
+            n => millions(n),
+        };
+        let checked = match row.proof.backends_hit {
+            0 => format!("{packets} {}", row.proof.reason),
+            1 => format!("{packets} {}, 1 backend", row.proof.reason),
+            n => format!("{packets} {}, {n} backends", row.proof.reason),
+        };
+        let ratio = row.ratio.map_or("–".to_owned(), |r| format!("{r:.1}×"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:+.1} | {ratio} | {:.2}× | {} | {} | {checked} |",
+            row.scenario,
+            row.class,
+            range(&row.ballast_ns, 1),
+            range(&row.baseline_ns, 1),
+            row.diff_ns,
+            row.standalone_ratio,
+            range(&row.harness_ns, 1),
+            range(&row.floor_ns, 1),
+        );
+    }
+    let _ = writeln!(out);
+}
+
+/// Where the time of `rows` over the baseline goes.
+pub(super) fn cost_breakdown_table<'a>(out: &mut String, rows: impl Iterator<Item = &'a CostRow>) {
+    let _ = writeln!(
+        out,
+        "| Generation | Class | helper call − baseline | encapsulation floor − baseline | ballast − encapsulation floor | ballast − baseline |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for row in rows {
+        let decisions = row.over_encap_floor_ns.map_or("– (not forwarded)".to_owned(), |d| format!("{d:+.1}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:+.1} | {:+.1} | {decisions} | {:+.1} |",
+            row.scenario,
+            row.class,
+            row.helper_call_over_baseline_ns,
+            row.encap_floor_ns.median - row.baseline_ns.median,
+            row.diff_ns,
+        );
+    }
+    let _ = writeln!(out);
 }

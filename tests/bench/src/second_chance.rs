@@ -87,11 +87,11 @@ struct Pair {
 }
 
 /// What every row runs with.
-struct Rig<'a> {
-    settings: &'a Settings,
-    harness: &'a mut Harness,
-    reference: &'a Reference,
-    macs: Macs,
+pub(super) struct Rig<'a> {
+    pub(super) settings: &'a Settings,
+    pub(super) harness: &'a mut Harness,
+    pub(super) reference: &'a Reference,
+    pub(super) macs: Macs,
 }
 
 impl Pair {

@@ -15,6 +15,7 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use ballast::generation::config::Protocol;
 use ballast_lab::{self as lab, Lab, LabSpec, Role, HEALTH_PATH, HEALTH_PORT};
 use ballast_test_support::{ballast_binary, require_root};
 use prometheus_parse::{Scrape, Value};
@@ -41,12 +42,21 @@ pub fn ms(n: u64) -> Duration {
 /// The lab config with backends `backends` (weight 1) for every VIP, each VIP health-checked,
 /// and the daemon's settings.
 pub fn daemon_config(backends: &[usize]) -> String {
-    let health = format!(
-        "health = {{ kind = \"http\", path = \"{HEALTH_PATH}\", port = {HEALTH_PORT}, interval_ms = {INTERVAL_MS}, \
-         timeout_ms = {TIMEOUT_MS}, rise = {RISE}, fall = {FALL} }}\n"
-    );
+    daemon_config_with(backends, |_, _| String::new())
+}
+
+/// [`daemon_config`] with `health_extra(protocol, vip)` (e.g. `via = "direct", `) opening each
+/// VIP's health table.
+pub fn daemon_config_with(backends: &[usize], health_extra: impl Fn(Protocol, SocketAddr) -> String) -> String {
+    let health = |protocol, vip| {
+        format!(
+            "health = {{ {}kind = \"http\", path = \"{HEALTH_PATH}\", port = {HEALTH_PORT}, \
+             interval_ms = {INTERVAL_MS}, timeout_ms = {TIMEOUT_MS}, rise = {RISE}, fall = {FALL} }}\n",
+            health_extra(protocol, vip)
+        )
+    };
     let weights: Vec<(usize, u32)> = backends.iter().map(|&i| (i, 1)).collect();
-    let vips = lab::config_with(|_, _| weights.clone(), &health);
+    let vips = lab::config_with_each(|_, _| weights.clone(), health);
     format!("{vips}\n[daemon]\nmin_healthy = {MIN_HEALTHY}\nmin_swap_interval_ms = {MIN_SWAP_INTERVAL_MS}\n")
 }
 
@@ -369,6 +379,20 @@ impl Fixture {
         std::fs::rename(&temporary, &self.config)
             .with_context(|| format!("renaming {} to {}", temporary.display(), self.config.display()))
     }
+}
+
+/// The backend addresses `status` (`ballast status --json`) shows serving `vip_name`, sorted.
+pub fn served_by(status: &Json, vip_name: &str) -> anyhow::Result<Vec<String>> {
+    let vips = status["vips"].as_array().with_context(|| format!("no VIP list in the status: {status:#}"))?;
+    let vip = vips.iter().find(|v| v["vip"] == vip_name);
+    let vip = vip.with_context(|| format!("{vip_name} is not in the status: {status:#}"))?;
+    let backends = vip["backends"].as_array().with_context(|| format!("{vip_name} has no backend list: {vip:#}"))?;
+    let mut addresses = backends
+        .iter()
+        .map(|b| b["address"].as_str().map(str::to_owned).with_context(|| format!("a backend without address: {b}")))
+        .collect::<anyhow::Result<Vec<String>>>()?;
+    addresses.sort();
+    Ok(addresses)
 }
 
 /// `GET /metrics` from a new client inside the network namespace `ns` (the daemon's endpoint,

@@ -10,7 +10,8 @@ use etherparse::{Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLa
 use crate::packet::{dscp_of, ecn_of, VlanTag};
 use crate::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_VLAN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP};
 
-/// The outer IP header of an encapsulated frame, as parsed (or as expected).
+/// An IP header as parsed (or as expected): the outer header of an encapsulated frame, or the
+/// header of an ICMP answer ([`crate::IcmpAnswer`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OuterHeader {
     V4 {
@@ -69,7 +70,7 @@ impl OuterHeader {
         }
     }
 
-    fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         match self {
             OuterHeader::V4 {
                 tos,
@@ -243,9 +244,21 @@ impl GueHops {
     }
 }
 
-impl Encapsulated {
-    /// Parses `frame` with etherparse alone.
-    pub fn parse(frame: &[u8]) -> anyhow::Result<Encapsulated> {
+/// The link layer and IP header of a frame, parsed with etherparse alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct IpFrame<'a> {
+    pub eth_dst: [u8; 6],
+    pub eth_src: [u8; 6],
+    pub vlan: Option<VlanTag>,
+    /// Ether type of the IP header (inside the tag, if tagged).
+    pub ether_type: u16,
+    pub ip: OuterHeader,
+    /// Everything after the IP header.
+    pub rest: &'a [u8],
+}
+
+impl IpFrame<'_> {
+    pub(crate) fn parse(frame: &[u8]) -> anyhow::Result<IpFrame<'_>> {
         let (ethernet, rest) = Ethernet2Header::from_slice(frame).context("Ethernet header")?;
         let (vlan, ether_type, rest) = if ethernet.ether_type.0 == ETHERTYPE_VLAN {
             let (tag, rest) = SingleVlanHeader::from_slice(rest).context("802.1Q tag")?;
@@ -291,6 +304,43 @@ impl Encapsulated {
             }
             other => bail!("ether type {other:#06x} is not IP"),
         };
+        Ok(IpFrame {
+            eth_dst: ethernet.destination,
+            eth_src: ethernet.source,
+            vlan,
+            ether_type,
+            ip: outer,
+            rest: inner,
+        })
+    }
+
+    /// The link layer these fields describe, then `ip` (IPv4 checksum computed).
+    pub(crate) fn link_and_ip_bytes(
+        eth_dst: [u8; 6],
+        eth_src: [u8; 6],
+        vlan: Option<VlanTag>,
+        ether_type: u16,
+        ip: &OuterHeader,
+    ) -> Vec<u8> {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&eth_dst);
+        frame.extend_from_slice(&eth_src);
+        match vlan {
+            Some(tag) => {
+                frame.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
+                frame.extend_from_slice(&tag.header(ether_type).to_bytes());
+            }
+            None => frame.extend_from_slice(&ether_type.to_be_bytes()),
+        }
+        frame.extend_from_slice(&ip.to_bytes());
+        frame
+    }
+}
+
+impl Encapsulated {
+    /// Parses `frame` with etherparse alone.
+    pub fn parse(frame: &[u8]) -> anyhow::Result<Encapsulated> {
+        let IpFrame { eth_dst, eth_src, vlan, ether_type, ip: outer, rest: inner } = IpFrame::parse(frame)?;
         let (gue, inner) = match outer {
             OuterHeader::V4 { protocol: IPPROTO_UDP, .. } | OuterHeader::V6 { next_header: IPPROTO_UDP, .. } => {
                 let (gue, inner) = GueHops::parse(inner, ether_type == ETHERTYPE_IPV4)?;
@@ -298,31 +348,13 @@ impl Encapsulated {
             }
             _ => (None, inner),
         };
-        Ok(Encapsulated {
-            eth_dst: ethernet.destination,
-            eth_src: ethernet.source,
-            vlan,
-            ether_type,
-            outer,
-            gue,
-            inner: inner.to_vec(),
-        })
+        Ok(Encapsulated { eth_dst, eth_src, vlan, ether_type, outer, gue, inner: inner.to_vec() })
     }
 
     /// The frame these fields describe (IPv4 checksum computed; ihl and checksum_valid are
     /// taken to be 5 and true).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut frame = Vec::new();
-        frame.extend_from_slice(&self.eth_dst);
-        frame.extend_from_slice(&self.eth_src);
-        match self.vlan {
-            Some(tag) => {
-                frame.extend_from_slice(&ETHERTYPE_VLAN.to_be_bytes());
-                frame.extend_from_slice(&tag.header(self.ether_type).to_bytes());
-            }
-            None => frame.extend_from_slice(&self.ether_type.to_be_bytes()),
-        }
-        frame.extend_from_slice(&self.outer.to_bytes());
+        let mut frame = IpFrame::link_and_ip_bytes(self.eth_dst, self.eth_src, self.vlan, self.ether_type, &self.outer);
         frame.extend(self.gue.iter().flat_map(GueHops::to_bytes));
         frame.extend_from_slice(&self.inner);
         frame

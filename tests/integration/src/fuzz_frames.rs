@@ -1,5 +1,7 @@
 //! Random and mutated frames for the differential fuzzer, written byte by byte (no builder
-//! library: the point is frames no well-behaved builder would write). Every frame is a pure
+//! library: the point is frames no well-behaved builder would write): TCP and UDP to VIPs and
+//! around them (some too big once encapsulated, DF set or not), ICMP echo requests and errors
+//! quoting VIP flows or mutations of them, and junk. Every frame is a pure
 //! function of (seed, index), so a divergence is reproducible from those two numbers alone.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -104,6 +106,7 @@ impl FrameFuzzer {
         match rng.below(100) {
             0..=4 => random_frame(rng),
             5..=7 => not_ip_frame(rng),
+            8..=19 => self.icmp_frame(rng),
             _ => {
                 let mut frame = self.ip_frame(rng);
                 if rng.chance(30) {
@@ -114,6 +117,101 @@ impl FrameFuzzer {
                 frame
             }
         }
+    }
+
+    /// An ICMP / ICMPv6 frame, mostly to a VIP address: echo requests, errors quoting what a
+    /// VIP could have sent (its flows, other ports and protocols, other sources, nested ICMP,
+    /// quoted options, fragments and extension headers, quotes cut anywhere), other types;
+    /// checksums mostly right; sometimes with options, fragmented or behind an extension header.
+    pub fn icmp_frame(&self, rng: &mut XorShift) -> Vec<u8> {
+        let target = rng.pick(&self.targets);
+        let ipv4 = target.addr.is_ipv4();
+        let dst = match rng.below(100) {
+            0..=84 => target.addr,
+            85..=92 => neighbour(target.addr),
+            _ => random_address(rng, ipv4),
+        };
+        let (echo, errors, others): (u8, &[u8], &[u8]) = if ipv4 {
+            (8, &[3], &[0, 4, 5, 11, 12, 13])
+        } else {
+            (128, &[1, 2], &[3, 4, 129, 133, 134, 135, 136, 137])
+        };
+        let (kind, body) = match rng.below(100) {
+            0..=24 => {
+                let len = rng.below(64);
+                (echo, rng.bytes(len))
+            }
+            25..=84 => (rng.pick(errors), self.quote(rng, target, dst)),
+            85..=94 => (rng.pick(others), self.quote(rng, target, dst)),
+            _ => {
+                let len = rng.below(80);
+                (rng.next_u16() as u8, rng.bytes(len))
+            }
+        };
+        let code = if rng.chance(60) { rng.pick(&[0, 1, 3, 4]) } else { rng.below(256) as u8 };
+        let mut message = vec![kind, code, 0, 0];
+        message.extend_from_slice(&rng.bytes(4));
+        message.extend_from_slice(&body);
+        let src = random_address(rng, ipv4);
+        let checksum = if ipv4 { internet_checksum(&message) } else { icmpv6_checksum(src, dst, &message) };
+        message[2..4].copy_from_slice(&checksum.to_be_bytes());
+        if rng.chance(10) {
+            message[2] ^= 1 << rng.below(8);
+        }
+        let protocol = if ipv4 { 1 } else { 58 };
+        let flow = FlowChoice { src, dst, protocol, sport: 0, dport: 0 };
+        let (ether_type, ip) = if ipv4 {
+            (ETHERTYPE_IPV4, ipv4_packet(rng, &flow, &message))
+        } else {
+            (ETHERTYPE_IPV6, ipv6_packet(rng, &flow, &message))
+        };
+        let mut frame = link_layer(rng, ether_type);
+        frame.extend_from_slice(&ip);
+        pad(rng, &mut frame);
+        frame
+    }
+
+    /// What an ICMP error to `dst` quotes: mostly a packet a VIP of `target`'s address sent to
+    /// a client (its source `dst`, its source port the VIP's), cut to 28 to 128 bytes or
+    /// anywhere, sometimes with one byte of its headers changed.
+    fn quote(&self, rng: &mut XorShift, target: Target, dst: IpAddr) -> Vec<u8> {
+        let ipv4 = dst.is_ipv4();
+        let other_vip = rng.pick(&self.targets).addr;
+        let source = match rng.below(100) {
+            0..=79 => dst,
+            80..=89 if other_vip.is_ipv4() == ipv4 => other_vip,
+            _ => random_address(rng, ipv4),
+        };
+        // A port and protocol some VIP of the quoted source serves, if it has any.
+        let served: Vec<Target> = self.targets.iter().filter(|t| t.addr == source).copied().collect();
+        let vip = if served.is_empty() { target } else { rng.pick(&served) };
+        let protocol = match rng.below(100) {
+            0..=84 => vip.protocol,
+            85..=92 => TCP + UDP - vip.protocol,
+            _ => rng.pick(&OTHER_PROTOCOLS),
+        };
+        let vip_port = if vip.port != 0 && rng.chance(85) { vip.port } else { rng.next_u16() };
+        let answer = FlowChoice {
+            src: source,
+            dst: random_address(rng, ipv4),
+            protocol,
+            sport: vip_port,
+            dport: rng.next_u16(),
+        };
+        let payload_len = rng.below(1400);
+        let l4 = transport(rng, &answer, payload_len);
+        let mut quote = if ipv4 { ipv4_packet(rng, &answer, &l4) } else { ipv6_packet(rng, &answer, &l4) };
+        let len = match rng.below(100) {
+            0..=69 => (if ipv4 { 28 } else { 48 }) + rng.below(100),
+            _ => rng.below(quote.len() + 1),
+        };
+        quote.truncate(len);
+        if rng.chance(15) && !quote.is_empty() {
+            let header = quote.len().min(if ipv4 { 28 } else { 48 });
+            let at = rng.below(header);
+            quote[at] = rng.next_u16() as u8;
+        }
+        quote
     }
 
     /// A well-formed IP frame (possibly with options, a fragment, extension headers, tags,
@@ -182,8 +280,9 @@ impl FrameFuzzer {
         let (ip_header, outer) = if flow.dst.is_ipv4() { (20, 20) } else { (40, 40) };
         let headers = ip_header + if flow.protocol == TCP { 20 } else { 8 };
         match rng.below(100) {
-            0..=59 => rng.below(64),
-            60..=84 => rng.below(1500),
+            0..=54 => rng.below(64),
+            55..=79 => rng.below(1500),
+            80..=84 => (self.mtu + rng.below(400)).saturating_sub(headers).min(TEST_RUN_LINEAR_LIMIT),
             85..=94 => {
                 // At the MTU for IPIP's outer header, or for GUE's with 1 to 4 hops.
                 let hop_len = if flow.dst.is_ipv4() { 4 } else { 16 };
@@ -316,6 +415,17 @@ fn ipv6_packet(rng: &mut XorShift, flow: &FlowChoice, transport: &[u8]) -> Vec<u
     ip.extend_from_slice(&extensions);
     ip.extend_from_slice(transport);
     ip
+}
+
+/// The ICMPv6 checksum of `message` from `src` to `dst` (pseudo-header: addresses, length,
+/// next header 58).
+fn icmpv6_checksum(src: IpAddr, dst: IpAddr, message: &[u8]) -> u16 {
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (src, dst) else { unreachable!("ICMPv6 is IPv6") };
+    let mut summed = [src.octets(), dst.octets()].concat();
+    summed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    summed.extend_from_slice(&[0, 0, 0, 58]);
+    summed.extend_from_slice(message);
+    internet_checksum(&summed)
 }
 
 /// Ethernet padding to the 60-byte minimum (zeros or junk), as NICs deliver short frames.

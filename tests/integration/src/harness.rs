@@ -141,11 +141,32 @@ impl Harness {
             .predicted_backend(&self.generation)
             .unwrap_or_else(|| panic!("the reference model forwards {packet:?} nowhere"));
         let hash = packet.flow_hash(&self.generation);
-        // The IP packet and any padding after it, untouched.
-        let inner = packet.frame().split_off(packet.link_len());
         let gue = self
             .second_chance_hops(packet)
             .map(|hops| GueHops::expected(packet.src.is_ipv4(), hash, packet.ip_len(), hops));
+        self.encapsulation_of(packet, backend, hash, gue)
+    }
+
+    /// The encapsulation the rules require for `error`, an ICMP error to a VIP quoting the
+    /// VIP's answer to `flow` (a client's packet): toward `flow`'s backend, the outer header's
+    /// source and flow label from `flow`'s hash, its TOS / DF / class from the ICMP packet's
+    /// own header; in GUE with the slot's hops when `flow` is TCP and its slot changed owner
+    /// (as the flow's packets other than its first go), else IPIP / IP6IP6.
+    pub fn expected_steering(&self, error: &Packet, flow: &Packet) -> Encapsulated {
+        let backend = flow
+            .predicted_backend(&self.generation)
+            .unwrap_or_else(|| panic!("the reference model forwards {flow:?} nowhere"));
+        let hash = flow.flow_hash(&self.generation);
+        let tcp = matches!(flow.transport, Transport::Tcp { .. });
+        let hops = self.slot_hops(flow).filter(|_| tcp);
+        let gue = hops.map(|hops| GueHops::expected(error.src.is_ipv4(), hash, error.ip_len(), hops));
+        self.encapsulation_of(error, backend, hash, gue)
+    }
+
+    /// `packet` in an outer header toward `backend` for a flow of `hash`, with `gue` after it.
+    fn encapsulation_of(&self, packet: &Packet, backend: IpAddr, hash: u32, gue: Option<GueHops>) -> Encapsulated {
+        // The IP packet and any padding after it, untouched.
+        let inner = packet.frame().split_off(packet.link_len());
         let gue_len = gue.as_ref().map_or(0, GueHops::header_len);
         let outer = match (backend, packet.src) {
             (IpAddr::V4(dst), IpAddr::V4(_)) => OuterHeader::V4 {

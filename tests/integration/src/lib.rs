@@ -9,7 +9,8 @@
 //! the raw mutators ([`mutate`]), and run through the real XDP program with
 //! `BPF_PROG_TEST_RUN` ([`Harness`]). What comes out is parsed with etherparse, never with
 //! lb-common's wire code ([`Encapsulated`]), and compared field by field and byte by byte with
-//! what the documented rules say it must be. The backend a flow must reach comes from
+//! what the documented rules say it must be; the ICMP the load balancer writes itself is read
+//! the same way, every checksum verified ([`IcmpAnswer`]). The backend a flow must reach comes from
 //! `Generation::predict_backend`, the user-space reference model.
 use std::fmt::Write as _;
 
@@ -21,6 +22,7 @@ pub mod differential;
 mod encapsulated;
 pub mod fuzz_frames;
 mod harness;
+mod icmp;
 pub mod mutate;
 mod packet;
 pub mod regressions;
@@ -29,6 +31,7 @@ pub mod scenarios;
 pub use differential::{Case, Differential, Divergence};
 pub use encapsulated::{Encapsulated, GueHops, OuterHeader};
 pub use harness::{synthetic_source_v4, synthetic_source_v6, CounterDelta, Harness, Verdict};
+pub use icmp::{IcmpAnswer, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6};
 pub use mutate::*;
 pub use packet::{arp_request_frame, qinq_frame, Packet, TcpFlags, Transport, VlanTag};
 

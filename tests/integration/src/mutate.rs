@@ -19,9 +19,11 @@ fn recompute_ipv4_checksum(frame: &mut [u8]) {
     frame[l3 + 10..l3 + 12].copy_from_slice(&checksum.to_be_bytes());
 }
 
-/// RFC 1071 checksum of `bytes` (even length), as the value to store big-endian.
+/// RFC 1071 checksum of `bytes` (an odd length summed as if padded with a zero byte), as the
+/// value to store big-endian.
 pub fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]]))).sum();
+    let word = |pair: &[u8]| u32::from(u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]));
+    let mut sum: u32 = bytes.chunks(2).map(word).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

@@ -4,8 +4,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ballast::generation::Generation;
 use etherparse::{
-    ArpHardwareId, ArpOperation, ArpPacket, EtherType, IpDscp, IpEcn, IpHeaders, IpNumber, Ipv4Header, Ipv6FlowLabel,
-    Ipv6Header, PacketBuilder, SingleVlanHeader, TcpHeader, VlanHeader, VlanId, VlanPcp,
+    ArpHardwareId, ArpOperation, ArpPacket, EtherType, Icmpv4Type, Icmpv6Type, IpDscp, IpEcn, IpHeaders, IpNumber,
+    Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder, SingleVlanHeader, TcpHeader, VlanHeader, VlanId, VlanPcp,
 };
 
 use crate::{CLIENT_MAC, ETHERNET_HEADER_LEN, ETHERTYPE_QINQ, ETHERTYPE_VLAN, IFACE_MAC, VLAN_TAG_LEN};
@@ -63,6 +63,13 @@ pub enum Transport {
     },
     /// ICMP echo request (ICMPv6 for IPv6).
     IcmpEcho,
+    /// An ICMP (ICMPv6 for IPv6) message of any type and code with these four bytes after
+    /// its checksum; the payload is its body (an error's quote).
+    Icmp {
+        kind: u8,
+        code: u8,
+        rest: [u8; 4],
+    },
 }
 
 /// A test packet: an Ethernet frame (optionally 802.1Q-tagged) carrying IPv4 or IPv6 (by the
@@ -113,6 +120,24 @@ impl Packet {
         Packet::new(src, dst, Transport::IcmpEcho)
     }
 
+    /// An ICMP error from `router` to the source of `flow`'s packets (a VIP) quoting the first
+    /// `quote_len` bytes of the VIP's answer to them ([`Packet::turned_around`]).
+    pub fn icmp_error(router: IpAddr, flow: &Packet, kind: u8, code: u8, rest: [u8; 4], quote_len: usize) -> Packet {
+        let mut quote = flow.turned_around().ip_bytes();
+        quote.truncate(quote_len);
+        Packet::new(router, flow.dst, Transport::Icmp { kind, code, rest }).with_payload(quote)
+    }
+
+    /// The packet its destination answers it with: addresses and ports swapped.
+    pub fn turned_around(&self) -> Packet {
+        let transport = match self.transport {
+            Transport::Tcp { sport, dport, flags } => Transport::Tcp { sport: dport, dport: sport, flags },
+            Transport::Udp { sport, dport } => Transport::Udp { sport: dport, dport: sport },
+            other => other,
+        };
+        Packet { src: self.dst, dst: self.src, transport, ..self.clone() }
+    }
+
     pub fn with_vlan(self, vlan: VlanTag) -> Packet {
         Packet { vlan: Some(vlan), ..self }
     }
@@ -147,8 +172,8 @@ impl Packet {
         match (self.transport, self.src) {
             (Transport::Tcp { .. }, _) => IpNumber::TCP.0,
             (Transport::Udp { .. }, _) => IpNumber::UDP.0,
-            (Transport::IcmpEcho, IpAddr::V4(_)) => IpNumber::ICMP.0,
-            (Transport::IcmpEcho, IpAddr::V6(_)) => IpNumber::IPV6_ICMP.0,
+            (Transport::IcmpEcho | Transport::Icmp { .. }, IpAddr::V4(_)) => IpNumber::ICMP.0,
+            (Transport::IcmpEcho | Transport::Icmp { .. }, IpAddr::V6(_)) => IpNumber::IPV6_ICMP.0,
         }
     }
 
@@ -156,7 +181,7 @@ impl Packet {
     pub fn ports(&self) -> (u16, u16) {
         match self.transport {
             Transport::Tcp { sport, dport, .. } | Transport::Udp { sport, dport } => (sport, dport),
-            Transport::IcmpEcho => (0, 0),
+            Transport::IcmpEcho | Transport::Icmp { .. } => (0, 0),
         }
     }
 
@@ -200,6 +225,12 @@ impl Packet {
             Transport::Udp { sport, dport } => ip.udp(sport, dport).write(&mut frame, payload),
             Transport::IcmpEcho if self.src.is_ipv4() => ip.icmpv4_echo_request(7, 1).write(&mut frame, payload),
             Transport::IcmpEcho => ip.icmpv6_echo_request(7, 1).write(&mut frame, payload),
+            Transport::Icmp { kind, code, rest } if self.src.is_ipv4() => ip
+                .icmpv4(Icmpv4Type::Unknown { type_u8: kind, code_u8: code, bytes5to8: rest })
+                .write(&mut frame, payload),
+            Transport::Icmp { kind, code, rest } => ip
+                .icmpv6(Icmpv6Type::Unknown { type_u8: kind, code_u8: code, bytes5to8: rest })
+                .write(&mut frame, payload),
         };
         written.unwrap_or_else(|e| panic!("building the frame of {self:?}: {e}"));
         frame

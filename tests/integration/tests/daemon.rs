@@ -1,6 +1,6 @@
 //! The daemon (`ballast run`) in the lab (`ballast_lab`, tests/lab): it runs in the load balancer's
-//! namespace, health-checks the backends' servers (HTTP GET /health on each backend's own
-//! address), replaces the generation when health or the config changes, and serves metrics.
+//! namespace, health-checks the backends' servers (HTTP GET /health at the VIP through the
+//! tunnel, the default; tests/health_tunnel.rs compares it with the direct kind), replaces the generation when health or the config changes, and serves metrics.
 //! The tests stop and start backends' servers, rewrite the config, send real traffic from the
 //! client and read what the daemon did back from `ballast status`, `ballast history`, its
 //! log and its Prometheus endpoint (parsed with `prometheus-parse`).
@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use ballast::generation::config::Protocol;
 use ballast_lab::{self as lab, Flow, Reply};
 use ballast_tests::daemon::{
-    daemon_config, entries, ms, wait_for, Fixture, Metrics, Setup, FALL, INTERVAL_MS, MIN_SWAP_INTERVAL_MS, RISE,
+    daemon_config, entries, ms, served_by, wait_for, Fixture, Metrics, Setup, FALL, INTERVAL_MS, MIN_SWAP_INTERVAL_MS, RISE,
     TIMEOUT_MS,
 };
 use serde_json::Value as Json;
@@ -91,20 +91,6 @@ fn wait_for_backends(f: &Fixture, what: &str, limit: Duration, backends: &[usize
 fn connect(f: &Fixture, first_port: u16) -> anyhow::Result<Vec<Reply>> {
     let (_, vip) = vip_named(Protocol::Tcp, false)?;
     f.lab.send(&lab::flows(Protocol::Tcp, vip, first_port..first_port + CONNECTIONS))
-}
-
-/// The backend addresses `status` shows serving `vip_name`, sorted.
-fn served_by(status: &Json, vip_name: &str) -> anyhow::Result<Vec<String>> {
-    let vips = status["vips"].as_array().with_context(|| format!("no VIP list in the status: {status:#}"))?;
-    let vip = vips.iter().find(|v| v["vip"] == vip_name);
-    let vip = vip.with_context(|| format!("{vip_name} is not in the status: {status:#}"))?;
-    let backends = vip["backends"].as_array().with_context(|| format!("{vip_name} has no backend list: {vip:#}"))?;
-    let mut addresses = backends
-        .iter()
-        .map(|b| b["address"].as_str().map(str::to_owned).with_context(|| format!("a backend without address: {b}")))
-        .collect::<anyhow::Result<Vec<String>>>()?;
-    addresses.sort();
-    Ok(addresses)
 }
 
 fn expected(backends: &[usize], vip: SocketAddr) -> Vec<String> {

@@ -1,7 +1,10 @@
 //! Differential fuzzing of the data plane: random and mutated frames through the loaded XDP
 //! program (BPF_PROG_TEST_RUN) and through the reference model (`lb_common::model`), which
 //! must agree on the verdict, the output bytes (so the backend) and, per batch, every counter.
-//! No divergence and no XDP_ABORTED is allowed.
+//! No divergence and no XDP_ABORTED is allowed; the one allowance is the ICMP budget, which the
+//! model does not know: an answer it sends may come out `icmp_rate_limited` (dropped,
+//! unchanged). The frames include ICMP echo requests and errors quoting VIP flows (and
+//! mutations of them) and TCP/UDP too big once encapsulated.
 //!
 //! Lineage generations (built with `Artifact::build_after`, slots that changed owner) get half
 //! as many again, with every TCP flags byte to changed and unchanged slots.
@@ -282,16 +285,16 @@ fn count_paths(differential: &Differential, scenario: &Scenario, seed: u64, coun
     for index in 0..count {
         let frame = fuzzer.second_chance_frame(seed, index);
         let decision = model_decision(&view, &host, &frame);
-        let path = match decision.forwarded {
-            Some(forwarded) if forwarded.second_chance => "gue_to_a_changed_slot",
-            Some(forwarded) if forwarded.selection.lineage.is_some() => "ipip_to_a_changed_slot",
-            Some(_) => "ipip_to_an_unchanged_slot",
-            None if decision.reason == Reason::DropTooBig
-                && model_decision(&plain, &host, &frame).reason == Reason::Forwarded =>
-            {
+        let too_big = matches!(decision.reason, Reason::DropTooBig | Reason::TooBigAnswered);
+        let path = match (decision.forwarded, decision.steered) {
+            (Some(forwarded), _) if forwarded.second_chance => "gue_to_a_changed_slot",
+            (Some(forwarded), _) if forwarded.selection.lineage.is_some() => "ipip_to_a_changed_slot",
+            (Some(_), _) => "ipip_to_an_unchanged_slot",
+            (None, Some(steered)) if steered.lineage.is_some() => "icmp_steered_to_a_changed_slot",
+            (None, None) if too_big && model_decision(&plain, &host, &frame).reason == Reason::Forwarded => {
                 "too_big_for_gue_only"
             }
-            None => continue,
+            _ => continue,
         };
         *paths.reasons.entry(path).or_default() += 1;
     }
@@ -331,15 +334,20 @@ fn lineage_generations_agree_with_the_model() {
     println!("paths (the first {PATH_SAMPLE} frames of each generation): {:?}", paths.reasons);
     report_divergences(&tally.divergences, false);
     if frames >= 100_000 {
-        for path in
-            ["gue_to_a_changed_slot", "ipip_to_a_changed_slot", "ipip_to_an_unchanged_slot", "too_big_for_gue_only"]
-        {
+        for path in [
+            "gue_to_a_changed_slot",
+            "ipip_to_a_changed_slot",
+            "ipip_to_an_unchanged_slot",
+            "too_big_for_gue_only",
+            "icmp_steered_to_a_changed_slot",
+        ] {
             assert!(paths.reasons.contains_key(path), "the lineage fuzzer never took {path}");
         }
     }
 }
 
-/// Well-formed frames of every kind, cut at every length from 14 bytes on.
+/// Well-formed frames of every kind (ICMP messages among them), cut at every length from 14
+/// bytes on.
 #[test]
 fn every_truncation_agrees_with_the_model() {
     if !require_root("every_truncation_agrees_with_the_model") {
@@ -350,8 +358,9 @@ fn every_truncation_agrees_with_the_model() {
         let differential = Differential::load(&scenario.config, scenario.host.clone()).unwrap();
         let fuzzer = FrameFuzzer::new(&differential.lb.generation, scenario.host.mtu);
         let mut cases = Vec::new();
-        for template in 0..200u64 {
-            let frame = fuzzer.ip_frame(&mut frame_rng(0x7a11, template));
+        for template in 0..300u64 {
+            let rng = &mut frame_rng(0x7a11, template);
+            let frame = if template < 200 { fuzzer.ip_frame(rng) } else { fuzzer.icmp_frame(rng) };
             for len in MIN_FRAME_LEN..=frame.len().min(160) {
                 cases.push(Case {
                     origin: format!("template #{template} cut to {len} bytes"),

@@ -416,6 +416,49 @@ fn an_established_time_wait_or_request_socket_takes_its_flow() {
     });
 }
 
+/// An ICMP error about a flow (a router's "fragmentation needed" / "packet too big" for the
+/// VIP's answer to the client), which the load balancer steers with the flow's hops, gets the
+/// flow's second chance: the backend whose socket has the flow takes it, one without hands it
+/// on, the last hop takes it as the last resort. Other ICMP in GUE is decapsulated as before.
+#[test]
+fn an_icmp_error_follows_its_flows_second_chance() {
+    if !require_root("an_icmp_error_follows_its_flows_second_chance") {
+        return;
+    }
+    let backend = Backend::create("scicmp");
+    backend.inside(|runner| {
+        for (vip, client, to) in
+            [(v4(VIP_V4), v4(CLIENT_V4), v4(BACKEND_V4)), (v6(VIP_V6), v6(CLIENT_V6), v6(BACKEND_V6))]
+        {
+            let (_listener, client_socket, _server) = connect(vip, client);
+            let port = client_socket.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
+            let hops =
+                if vip.is_ipv4() { [v4(NEIGHBOUR_V4), v4(SILENT_V4)] } else { [v6(NEIGHBOUR_V6), v6(SILENT_V6)] };
+            // The router is the neighbour; the kind is frag-needed (3/4) or packet too big (2/0).
+            let (kind, code, rest) =
+                if vip.is_ipv4() { (3, 4, [0, 0, 0x05, 0xc8]) } else { (2, 0, [0, 0, 0x05, 0xc8]) };
+            let error_about = |client_port: u16| {
+                let flow = Packet::tcp(client, vip, client_port, SERVICE_PORT, ACK).with_payload_len(1400);
+                Packet::icmp_error(hops[0], &flow, kind, code, rest, 64).ip_bytes()
+            };
+            runner.expect_accepted(
+                "an error about our flow",
+                &gue(to, &hops, 0, &error_about(port)),
+                DecapReason::AcceptedSocket,
+            );
+            let stranger = error_about(port ^ 1);
+            runner.expect_forwarded("an error about a flow we do not have", &gue(to, &hops, 0, &stranger), hops[0], 1);
+            runner.expect_accepted("at the last hop", &gue(to, &hops, 2, &stranger), DecapReason::LastResort);
+            // Echo replies and errors quoting UDP have no second chance.
+            let echo = Packet::icmp_echo(client, vip).with_payload_len(8).ip_bytes();
+            runner.expect_accepted("an echo request", &gue(to, &hops, 0, &echo), DecapReason::Decapsulated);
+            let udp = Packet::udp(client, vip, port, SERVICE_PORT).with_payload_len(100);
+            let udp_error = Packet::icmp_error(hops[0], &udp, kind, code, rest, 64).ip_bytes();
+            runner.expect_accepted("an error about UDP", &gue(to, &hops, 0, &udp_error), DecapReason::Decapsulated);
+        }
+    });
+}
+
 #[test]
 fn a_cookie_the_listener_sent_is_accepted_and_a_wrong_one_goes_on() {
     if !require_root("a_cookie_the_listener_sent_is_accepted_and_a_wrong_one_goes_on") {

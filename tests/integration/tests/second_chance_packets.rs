@@ -249,6 +249,17 @@ fn vlan_tagged_second_chance_packets_keep_their_tag() {
     }
 }
 
+/// The MTU a too-big answer (untagged) announces: frag-needed's 16-bit next-hop MTU, or
+/// packet too big's 32-bit MTU.
+fn announced_mtu(answer: &[u8], ipv4: bool) -> usize {
+    if ipv4 {
+        usize::from(u16::from_be_bytes([answer[14 + 20 + 6], answer[14 + 20 + 7]]))
+    } else {
+        let at = 14 + 40 + 4;
+        u32::from_be_bytes([answer[at], answer[at + 1], answer[at + 2], answer[at + 3]]) as usize
+    }
+}
+
 #[test]
 fn the_mtu_counts_the_gue_header_to_the_byte() {
     const MTU: usize = 1500;
@@ -267,13 +278,17 @@ fn the_mtu_counts_the_gue_header_to_the_byte() {
         let largest = sized(&ack[0], MTU - gue_outer);
         let out = lab.expect_forwarded(std::slice::from_ref(&largest), |_| true);
         assert_eq!(out[0].to_bytes().len(), 14 + MTU, "the largest second-chance packet fills the MTU");
+        // One byte more is answered, announcing the MTU less GUE's outer header; a SYN of that
+        // size needs IPIP's room only, and one byte past that is answered with IPIP's.
         let one_more = sized(&ack[0], MTU - gue_outer + 1);
-        lab.harness().expect_reason(&one_more.frame(), Reason::DropTooBig);
+        let answer = lab.harness().expect_action(&one_more.frame(), Reason::TooBigAnswered, None);
+        assert_eq!(announced_mtu(&answer.output, vip.is_ipv4()), MTU - gue_outer);
         let case = Case { origin: "one byte past the MTU".into(), frame: one_more.frame() };
-        assert_eq!(lab.lb.compare(&lab.lb.view(), &case).map(|d| d.reason).ok(), Some(Reason::DropTooBig));
-        // A SYN of that size needs IPIP's room only.
+        assert_eq!(lab.lb.compare(&lab.lb.view(), &case).map(|d| d.reason).ok(), Some(Reason::TooBigAnswered));
         let syn_size = sized(&syn[0], MTU - gue_outer + 1);
         lab.expect_forwarded(&[syn_size.clone(), sized(&syn[0], MTU - ip_header)], |_| false);
-        lab.harness().expect_reason(&sized(&syn[0], MTU - ip_header + 1).frame(), Reason::DropTooBig);
+        let answer =
+            lab.harness().expect_action(&sized(&syn[0], MTU - ip_header + 1).frame(), Reason::TooBigAnswered, None);
+        assert_eq!(announced_mtu(&answer.output, vip.is_ipv4()), MTU - ip_header);
     }
 }

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 
-use super::{backend_name, client_address, serve::REQUEST};
+use super::serve::{transfer_bytes, Checksum, DOWNLOAD, MAX_TRANSFER_LEN, REQUEST, UPLOAD};
+use super::{backend_name, client_address, Lab, Role};
 use ballast::generation::{config::Protocol, Generation};
 use ballast::kernel::netns;
 
@@ -21,6 +22,8 @@ use ballast::kernel::netns;
 pub(crate) const TCP_TIMEOUT: Duration = Duration::from_secs(2);
 /// A UDP request must be answered within this: a reply must come for every request.
 pub const UDP_TIMEOUT: Duration = Duration::from_secs(1);
+/// A transfer reads and writes in pieces of this, so that its deadline bounds the whole.
+const TRANSFER_PIECE: usize = 64 << 10;
 /// How long a source port may still be held after its socket was closed (see [`when_port_free`]).
 const PORT_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -167,6 +170,135 @@ impl Load {
         }
         Ok(replies)
     }
+}
+
+/// Which way a bulk transfer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client to the backend, through the load balancer (its every segment).
+    Upload,
+    /// From the backend to the client, by direct server return.
+    Download,
+}
+
+impl Lab {
+    /// One bulk transfer of `len` bytes per flow (TCP), all at once from the client, each
+    /// within `limit`: the answering backend's name, or why the transfer failed (not all
+    /// bytes, or other bytes, arrived), in the order of `flows`.
+    pub fn transfer(
+        &self,
+        flows: &[Flow],
+        direction: Direction,
+        len: usize,
+        limit: Duration,
+    ) -> anyhow::Result<Vec<Reply>> {
+        anyhow::ensure!(len <= MAX_TRANSFER_LEN, "{len} bytes: transfers go up to {MAX_TRANSFER_LEN}");
+        on_threads_in(&self.namespace(Role::Client), flows, flows.len(), |flow| {
+            let answer = match direction {
+                Direction::Upload => upload(flow, len, limit),
+                Direction::Download => download(flow, len, limit),
+            };
+            Reply { flow: *flow, answer: answer.map_err(|e| format!("{e:#}")) }
+        })
+    }
+}
+
+/// A connection of `flow` for a transfer: every read and write bounded by what is left until
+/// `deadline` ([`Deadline::bound`]).
+struct Deadline {
+    at: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    fn bound(&self, stream: &TcpStream) -> anyhow::Result<()> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        anyhow::ensure!(!left.is_zero(), "not done within {:?}", self.limit);
+        stream.set_read_timeout(Some(left)).and_then(|()| stream.set_write_timeout(Some(left))).context("timeouts")
+    }
+
+    /// `err` of a read or write bounded by [`Deadline::bound`], saying so when time ran out.
+    fn error(&self, err: std::io::Error) -> anyhow::Error {
+        if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+            anyhow!("not done within {:?}", self.limit)
+        } else {
+            err.into()
+        }
+    }
+}
+
+/// Sends `len` bytes (of [`transfer_bytes`], seeded with the source port) to the VIP:
+/// the backend's name once it answered that it got them all, with their checksum.
+fn upload(flow: &Flow, len: usize, limit: Duration) -> anyhow::Result<String> {
+    let (source, vip) = (flow.source(), flow.vip);
+    let deadline = Deadline { at: Instant::now() + limit, limit };
+    let mut stream = connect_from(source, vip)?;
+    let body = transfer_bytes(u64::from(flow.sport), len);
+    let mut request = format!("{UPLOAD} {len}\n").into_bytes();
+    request.extend_from_slice(&body);
+    for (sent, piece) in request.chunks(TRANSFER_PIECE).enumerate() {
+        deadline.bound(&stream)?;
+        stream
+            .write_all(piece)
+            .map_err(|e| deadline.error(e))
+            .with_context(|| format!("TCP {source} -> {vip}: uploading (after {} bytes)", sent * TRANSFER_PIECE))?;
+    }
+    deadline.bound(&stream)?;
+    let mut answer = String::new();
+    (&stream)
+        .take(256)
+        .read_to_string(&mut answer)
+        .map_err(|e| deadline.error(e))
+        .with_context(|| format!("TCP {source} -> {vip}: reading the answer"))?;
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    let expected = [len.to_string(), format!("{:016x}", Checksum::of(&body))];
+    match words.as_slice() {
+        [name, got, checksum] if [*got, *checksum] == expected => Ok((*name).to_owned()),
+        _ => anyhow::bail!(
+            "TCP {source} -> {vip}: uploaded {len} bytes, checksum {}; the answer: {answer:?}",
+            expected[1]
+        ),
+    }
+}
+
+/// Asks the VIP for `len` bytes (of [`transfer_bytes`], seeded with the source port): the
+/// backend's name once they all arrived, as sent.
+fn download(flow: &Flow, len: usize, limit: Duration) -> anyhow::Result<String> {
+    let (source, vip) = (flow.source(), flow.vip);
+    let deadline = Deadline { at: Instant::now() + limit, limit };
+    let mut stream = connect_from(source, vip)?;
+    let seed = u64::from(flow.sport);
+    deadline.bound(&stream)?;
+    stream
+        .write_all(format!("{DOWNLOAD} {len} {seed}\n").as_bytes())
+        .with_context(|| format!("TCP {source} -> {vip}: asking"))?;
+    // The name's line, the bytes, and one more to see whether more came.
+    let most = (len + 65) as u64;
+    let mut received = Vec::with_capacity(len + 65);
+    let mut piece = vec![0u8; TRANSFER_PIECE];
+    loop {
+        deadline.bound(&stream).with_context(|| format!("TCP {source} -> {vip}: {} bytes received", received.len()))?;
+        let n = (&stream)
+            .take(most - received.len() as u64)
+            .read(&mut piece)
+            .map_err(|e| deadline.error(e))
+            .with_context(|| format!("TCP {source} -> {vip}: downloading ({} bytes received)", received.len()))?;
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&piece[..n]);
+    }
+    let end =
+        received.iter().position(|&b| b == b'\n').with_context(|| format!("TCP {source} -> {vip}: no name line"))?;
+    let (body, expected) = (&received[end + 1..], transfer_bytes(seed, len));
+    anyhow::ensure!(
+        body == expected.as_slice(),
+        "TCP {source} -> {vip}: {} bytes arrived ({len} expected), checksum {:016x} ({:016x} expected)",
+        body.len(),
+        Checksum::of(body),
+        Checksum::of(&expected)
+    );
+    Ok(String::from_utf8_lossy(&received[..end]).trim().to_owned())
 }
 
 /// Connects from `source` (a fixed port) to `vip`, sends one request and reads the answer

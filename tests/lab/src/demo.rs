@@ -72,6 +72,7 @@ pub fn run() -> anyhow::Result<()> {
     let refused =
         lab::in_netns(&lab.namespace(Role::Lb(1)), || Ok(ballast::kernel::running::try_edit_running_vips(LB_IFACE)?))?;
     println!("      immutability: writing an entry into the running VIPS map from user space: {refused}");
+    ping_vips(&lab)?;
 
     println!(
         "\n[5/7] a new generation, swapped in under traffic: {REMOVED} leaves, {ADDED} joins ({})",
@@ -123,6 +124,17 @@ fn describe_lab(lab: &Lab) {
         );
     }
     println!("      replies go from the backends straight to the client (direct server return): the VIPs are on their loopback");
+}
+
+/// One ping per VIP address from the client: the XDP program answers it (`echo_answered`),
+/// as it answers too-big packets with "fragmentation needed" (README "ICMP and path MTU").
+fn ping_vips(lab: &Lab) -> anyhow::Result<()> {
+    for vip in [lab::VIP_V4.to_string(), lab::VIP_V6.to_string()] {
+        let out = crate::command::exec_in(&lab.namespace(Role::Client), &["ping", "-c", "1", "-W", "2", &vip])?;
+        let time = out.split_whitespace().find(|word| word.starts_with("time=")).unwrap_or("time=?");
+        println!("      ping {vip}: answered by the XDP program itself ({time} ms)");
+    }
+    Ok(())
 }
 
 fn vip_list() -> String {

@@ -44,13 +44,14 @@ use anyhow::{anyhow, bail, Context as _};
 
 pub use ballast_test_support::{ballast_binary, lab_binary};
 pub use cli::{run, status, status_json, LabCommand};
-pub use client::{by_backend, failures, flows, Flow, Load, Reply, UDP_TIMEOUT};
+pub use client::{by_backend, failures, flows, Direction, Flow, Load, Reply, UDP_TIMEOUT};
 pub use command::in_netns;
 pub use connections::{Checked, Connections, Exchange, Outcome, EXCHANGE_TIMEOUT, REQUEST_LEN};
 pub use lock::LabInUse;
 pub use serve::{serve, ServeArgs, HEALTH_PATH};
 pub use teardown::{down, Teardown};
 use teardown::{lab_namespaces, teardown};
+pub use topology::{Mtus, ETHERNET_MTU};
 
 use ballast::generation::{
     address::{family, format_mac, words_addr},
@@ -144,6 +145,14 @@ pub fn config_by_vip(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u
 
 /// [`config_by_vip`] with `vip_lines` (TOML, e.g. `health = { ... }`) added to every VIP.
 pub fn config_with(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u32)>, vip_lines: &str) -> String {
+    config_with_each(backends_of, |_, _| vip_lines.to_owned())
+}
+
+/// [`config_by_vip`] with each VIP's own `lines_of` added to it.
+pub fn config_with_each(
+    backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u32)>,
+    lines_of: impl Fn(Protocol, SocketAddr) -> String,
+) -> String {
     let mut toml = format!(
         "# ballast lab generation: the lab's VIPs; backend bN is 10.1.0.N and fd00:1::N.\nhash_seed = {HASH_SEED:#x}\n"
     );
@@ -157,11 +166,12 @@ pub fn config_with(backends_of: impl Fn(Protocol, SocketAddr) -> Vec<(usize, u32
             .collect();
         let _infallible = write!(
             toml,
-            "\n[[vip]]\naddress = \"{}\"\nport = {}\nprotocol = \"{}\"\nbackends = [\n{}\n]\n{vip_lines}",
+            "\n[[vip]]\naddress = \"{}\"\nport = {}\nprotocol = \"{}\"\nbackends = [\n{}\n]\n{}",
             vip.ip(),
             vip.port(),
             protocol.name(),
-            entries.join("\n")
+            entries.join("\n"),
+            lines_of(protocol, vip)
         );
     }
     toml
@@ -260,15 +270,23 @@ pub struct LabSpec {
     pub name: String,
     pub backends: usize,
     pub lbs: usize,
+    /// The links' MTUs (default [`Mtus::FABRIC`]: nothing is ever too big).
+    pub mtus: Mtus,
 }
 
 impl LabSpec {
     pub fn new(name: &str, backends: usize, lbs: usize) -> LabSpec {
-        LabSpec { name: name.to_owned(), backends, lbs }
+        LabSpec { name: name.to_owned(), backends, lbs, mtus: Mtus::default() }
+    }
+
+    /// The same lab with links of these MTUs (e.g. [`Mtus::ETHERNET`], 1500 everywhere).
+    pub fn with_mtus(self, mtus: Mtus) -> LabSpec {
+        LabSpec { mtus, ..self }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         validate_name(&self.name)?;
+        self.mtus.validate()?;
         if !(1..=MAX_BACKENDS).contains(&self.backends) {
             bail!("--backends {}: from 1 to {MAX_BACKENDS}", self.backends);
         }

@@ -1,8 +1,9 @@
 //! `ballast lab serve` (hidden): a backend's real server. Bound to the VIPs on the backend's
 //! loopback, it answers every TCP request line with the backend's name (closing the
 //! connection after it unless the request asks to keep it open, [`KEEP_OPEN`]), and every
-//! UDP datagram with the name. The replies leave from the VIP straight to the client
-//! (direct server return): the load balancer never sees them. On the backend's own addresses
+//! UDP datagram with the name, and bulk transfers either way ([`UPLOAD`], [`DOWNLOAD`]).
+//! The replies leave from the VIP straight to the client (direct server return): the load
+//! balancer never sees them. On the backend's own addresses
 //! it answers health checks (`ballast run`): an HTTP GET of [`HEALTH_PATH`] with 200.
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -25,6 +26,16 @@ pub const REQUEST: &[u8] = b"who?\n";
 pub const KEEP_OPEN: &str = "who? keep open";
 /// Longest TCP request line (newline included) the server reads; a longer one ends the connection.
 pub(crate) const MAX_REQUEST_LEN: usize = 4096;
+/// A TCP request line `upload N` is followed by N bytes; the server answers with one line,
+/// `NAME N' CHECKSUM`: the N' bytes it got and their [`Checksum`], and closes.
+pub const UPLOAD: &str = "upload";
+/// A TCP request line `download N SEED` is answered with a line `NAME`, then N bytes of
+/// [`transfer_bytes`]`(SEED, N)`; then the server closes.
+pub const DOWNLOAD: &str = "download";
+/// Largest transfer either way.
+pub const MAX_TRANSFER_LEN: usize = 16 << 20;
+/// During a transfer every read or write must make progress within this.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A new connection must send its first request within this.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A kept connection may stay idle this long between requests (longer than any test holds one).
@@ -113,12 +124,112 @@ fn answer_connection(mut stream: &TcpStream, reply: &[u8]) -> std::io::Result<()
             // The client closed, or sent no line of a length we read.
             return Ok(());
         }
+        if let Some(transfer) = Transfer::parse(&line) {
+            stream.set_read_timeout(Some(TRANSFER_TIMEOUT))?;
+            stream.set_write_timeout(Some(TRANSFER_TIMEOUT))?;
+            return transfer.serve(&mut requests, stream, reply);
+        }
         stream.write_all(reply)?;
         if !line.starts_with(KEEP_OPEN.as_bytes()) {
             return Ok(());
         }
         stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     }
+}
+
+/// A bulk transfer a request line asks for.
+enum Transfer {
+    Upload { len: usize },
+    Download { len: usize, seed: u64 },
+}
+
+impl Transfer {
+    fn parse(line: &[u8]) -> Option<Transfer> {
+        let line = std::str::from_utf8(line).ok()?;
+        let mut words = line.split_whitespace();
+        let (kind, len) = (words.next()?, words.next()?.parse().ok().filter(|n| *n <= MAX_TRANSFER_LEN)?);
+        let transfer = match kind {
+            UPLOAD => Transfer::Upload { len },
+            DOWNLOAD => Transfer::Download { len, seed: words.next()?.parse().ok()? },
+            _ => return None,
+        };
+        words.next().is_none().then_some(transfer)
+    }
+
+    /// Reads the upload from `requests` (what follows the request line) or writes the
+    /// download to `stream`; `reply` is the name and a newline.
+    fn serve(self, requests: &mut impl std::io::BufRead, mut stream: &TcpStream, reply: &[u8]) -> std::io::Result<()> {
+        let name = String::from_utf8_lossy(reply.strip_suffix(b"\n").unwrap_or(reply)).into_owned();
+        match self {
+            Transfer::Upload { len } => {
+                let (mut got, mut checksum) = (0, Checksum::new());
+                let mut body = requests.take(len as u64);
+                loop {
+                    let chunk = body.fill_buf()?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    checksum.update(chunk);
+                    let n = chunk.len();
+                    got += n;
+                    body.consume(n);
+                }
+                stream.write_all(format!("{name} {got} {:016x}\n", checksum.value()).as_bytes())
+            }
+            Transfer::Download { len, seed } => {
+                stream.write_all(reply)?;
+                stream.write_all(&transfer_bytes(seed, len))
+            }
+        }
+    }
+}
+
+/// FNV-1a (64 bits) over a transfer's bytes, in order: what both ends compare.
+#[derive(Clone, Copy, Debug)]
+pub struct Checksum(u64);
+
+impl Checksum {
+    pub fn new() -> Checksum {
+        Checksum(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    pub fn value(&self) -> u64 {
+        self.0
+    }
+
+    /// The checksum of `bytes`.
+    pub fn of(bytes: &[u8]) -> u64 {
+        let mut checksum = Checksum::new();
+        checksum.update(bytes);
+        checksum.value()
+    }
+}
+
+impl Default for Checksum {
+    fn default() -> Checksum {
+        Checksum::new()
+    }
+}
+
+/// `len` bytes that differ with `seed` and along the way (xorshift64), so that a lost,
+/// repeated or misplaced segment changes what arrives.
+pub fn transfer_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(len);
+    bytes
 }
 
 fn answer_udp(socket: &UdpSocket, reply: &[u8]) {
@@ -153,4 +264,37 @@ fn answer_health_check(mut stream: TcpStream, name: &str) -> std::io::Result<()>
         "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
     };
     stream.write_all(response.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_requests_parse_and_others_do_not() {
+        assert!(matches!(Transfer::parse(b"upload 200000\n"), Some(Transfer::Upload { len: 200_000 })));
+        assert!(matches!(Transfer::parse(b"download 5 7\n"), Some(Transfer::Download { len: 5, seed: 7 })));
+        let too_long = format!("upload {}\n", MAX_TRANSFER_LEN + 1);
+        for other in ["who?\n", KEEP_OPEN, "upload\n", "upload x\n", "download 5\n", "upload 5 6\n", &too_long] {
+            assert!(Transfer::parse(other.as_bytes()).is_none(), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn checksum_is_fnv1a_and_sees_order() {
+        // FNV-1a 64 of "a" (the published test vector).
+        assert_eq!(Checksum::of(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_ne!(Checksum::of(b"ab"), Checksum::of(b"ba"));
+        let bytes = transfer_bytes(30_000, 1000);
+        let mut pieces = Checksum::new();
+        bytes.chunks(7).for_each(|piece| pieces.update(piece));
+        assert_eq!(pieces.value(), Checksum::of(&bytes));
+    }
+
+    #[test]
+    fn transfer_bytes_follow_their_seed() {
+        assert_eq!(transfer_bytes(1, 1001).len(), 1001);
+        assert_eq!(transfer_bytes(1, 64)[..], transfer_bytes(1, 1001)[..64]);
+        assert_ne!(transfer_bytes(1, 64), transfer_bytes(2, 64));
+    }
 }

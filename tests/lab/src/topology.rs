@@ -20,11 +20,16 @@ use super::{
     TCP_PORT, UDP_PORT, VIP_V4, VIP_V6,
 };
 
-const CLIENT_MTU: u32 = 1500;
-/// Inside the lab, links toward load balancers and backends carry the outer header on top of
-/// a full-size client packet, as a fabric with a larger MTU would: the largest is a second
+/// The MTU of the common case, an Ethernet link.
+pub const ETHERNET_MTU: u32 = 1500;
+/// In the default lab, links toward load balancers and backends carry the outer header on top
+/// of a full-size client packet, as a fabric with a larger MTU would: the largest is a second
 /// chance's, IPv6 with GUE and MAX_HOPS hops (120 bytes; IP6IP6 takes 40).
-const FABRIC_MTU: u32 = CLIENT_MTU + std::mem::size_of::<GueOuterV6<MAX_HOPS>>() as u32;
+const FABRIC_MTU: u32 = ETHERNET_MTU + std::mem::size_of::<GueOuterV6<MAX_HOPS>>() as u32;
+/// The smallest MTU an IPv6 link may have.
+const MIN_MTU: u32 = 1280;
+/// Larger than any veth of the lab needs.
+const MAX_MTU: u32 = 9000;
 const BRIDGE: &str = "br0";
 const ROUTER_CLIENT_IFACE: &str = "cl0";
 const ROUTER_BACKENDS_V4: &str = "10.1.0.254";
@@ -55,6 +60,45 @@ const ROUTER_SYSCTLS: &[&str] = &[
 /// which its decapsulator asks for the next hop of a second-chance packet it sends on,
 /// refuses (BPF_FIB_LKUP_RET_FWD_DISABLED) on an interface that does not.
 const BACKEND_IFACE_SYSCTLS: &[&str] = &["net.ipv4.conf.eth0.forwarding=1", "net.ipv6.conf.eth0.forwarding=1"];
+
+/// The MTUs of the lab's links (a setting of [`super::LabSpec`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mtus {
+    /// The links toward the load balancers and the backends (and the router's bridge).
+    pub fabric: u32,
+    /// The client's link, both ends (the client's segments and the MSS it announces).
+    pub client: u32,
+    /// The router's end of the client's link, for what it forwards to the client: below
+    /// `client`, a narrower hop on the replies' path, where the router answers a backend's
+    /// full-size segments with "fragmentation needed" / "packet too big" sent to the VIP.
+    /// (veth drops frames larger than the receiver's MTU: the client's own segments must then
+    /// stay below it too.)
+    pub router_to_client: u32,
+}
+
+impl Mtus {
+    /// The default: a fabric larger by the largest outer header, so nothing is ever too big.
+    pub const FABRIC: Mtus = Mtus { fabric: FABRIC_MTU, client: ETHERNET_MTU, router_to_client: ETHERNET_MTU };
+    /// 1500 everywhere, the common case: a full-size packet is too big once encapsulated.
+    pub const ETHERNET: Mtus = Mtus { fabric: ETHERNET_MTU, client: ETHERNET_MTU, router_to_client: ETHERNET_MTU };
+
+    pub(super) fn validate(&self) -> anyhow::Result<()> {
+        for (link, mtu) in
+            [("fabric", self.fabric), ("client", self.client), ("router to client", self.router_to_client)]
+        {
+            if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+                bail!("{link} MTU {mtu}: from {MIN_MTU} to {MAX_MTU}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for Mtus {
+    fn default() -> Mtus {
+        Mtus::FABRIC
+    }
+}
 
 /// The router's interface toward load balancer `k`.
 pub fn router_lb_iface(k: usize) -> String {
@@ -112,16 +156,23 @@ impl Lab {
 
     fn router(&mut self) -> anyhow::Result<()> {
         let ns = self.add_namespace(Role::Router, ROUTER_SYSCTLS)?;
-        ip_in(&ns, &["link", "add", BRIDGE, "mtu", &FABRIC_MTU.to_string(), "type", "bridge"])?;
+        ip_in(&ns, &["link", "add", BRIDGE, "mtu", &self.spec.mtus.fabric.to_string(), "type", "bridge"])?;
         configure(&ns, BRIDGE, &subnets(ROUTER_BACKENDS_V4, ROUTER_BACKENDS_V6))
     }
 
     fn client(&mut self) -> anyhow::Result<()> {
         let ns = self.add_namespace(Role::Client, &[])?;
-        self.wire(ROUTER_CLIENT_IFACE, &ns, CLIENT_IFACE, CLIENT_MTU)?;
+        let mtus = self.spec.mtus;
+        self.wire(ROUTER_CLIENT_IFACE, &ns, CLIENT_IFACE, mtus.client)?;
         let router = self.namespace(Role::Router);
+        if mtus.router_to_client != mtus.client {
+            ip_in(&router, &["link", "set", ROUTER_CLIENT_IFACE, "mtu", &mtus.router_to_client.to_string()])?;
+        }
         configure(&router, ROUTER_CLIENT_IFACE, &subnets(ROUTER_CLIENT_V4, ROUTER_CLIENT_V6))?;
         configure(&ns, CLIENT_IFACE, &subnets(super::CLIENT_V4, super::CLIENT_V6))?;
+        // No segmentation offload either: the client's segments leave as the path MTU makes
+        // them, at most one MTU of IP each, as on a real host's wire.
+        exec_in(&ns, &["ethtool", "-K", CLIENT_IFACE, "tso", "off", "gso", "off"])?;
         default_routes(&ns, ROUTER_CLIENT_V4, ROUTER_CLIENT_V6)
     }
 
@@ -131,7 +182,7 @@ impl Lab {
     fn load_balancer(&mut self, k: usize) -> anyhow::Result<()> {
         let ns = self.add_namespace(Role::Lb(k), &[])?;
         let (router, router_iface) = (self.namespace(Role::Router), router_lb_iface(k));
-        self.wire(&router_iface, &ns, LB_IFACE, FABRIC_MTU)?;
+        self.wire(&router_iface, &ns, LB_IFACE, self.spec.mtus.fabric)?;
         configure(&router, &router_iface, &subnets(router_lb_v4(k), router_lb_v6(k)))?;
         configure(&ns, LB_IFACE, &subnets(lb_v4(k), lb_v6(k)))?;
         default_routes(&ns, &router_lb_v4(k), &router_lb_v6(k))?;
@@ -171,7 +222,7 @@ impl Lab {
     fn backend(&mut self, i: usize) -> anyhow::Result<()> {
         let ns = self.add_namespace(Role::Backend(i), &[])?;
         let (router, router_iface) = (self.namespace(Role::Router), format!("b{i}"));
-        self.wire(&router_iface, &ns, BACKEND_IFACE, FABRIC_MTU)?;
+        self.wire(&router_iface, &ns, BACKEND_IFACE, self.spec.mtus.fabric)?;
         ip_in(&router, &["link", "set", &router_iface, "master", BRIDGE])?;
         configure(&router, &router_iface, &[])?;
         self.pass_through_xdp(&router_iface, UNUSED_BACKENDS_V4)?;
@@ -216,8 +267,25 @@ impl Lab {
         Ok(())
     }
 
+    /// The path MTU the route cache of `role`'s namespace holds toward `to` (`ip route get`
+    /// shows `mtu N` once an ICMP "fragmentation needed" / "packet too big" lowered it), or
+    /// None when it holds none (the link's MTU applies).
+    pub fn path_mtu(&self, role: Role, to: IpAddr) -> anyhow::Result<Option<u32>> {
+        let route = ip_in(&self.namespace(role), &["route", "get", &to.to_string()])?;
+        let mut words = route.split_whitespace();
+        while let Some(word) = words.next() {
+            if word == "mtu" {
+                // `mtu lock N` when below the kernel's min_pmtu.
+                let mtu = words.next().filter(|w| *w != "lock").or_else(|| words.next()).unwrap_or_default();
+                return mtu.parse().map(Some).with_context(|| format!("`ip route get {to}`: mtu {mtu:?}: {route}"));
+            }
+        }
+        Ok(None)
+    }
+
     /// Spawns `ballast-lab serve` for backend `i`, records it, and waits until it listens:
-    /// on the VIPs for clients, on the backend's own addresses for health checks.
+    /// on the VIPs for clients, on the backend's own addresses (direct health checks) and on
+    /// the VIPs (health checks through the tunnel) for health checks.
     pub(super) fn spawn_server(&mut self, i: usize) -> anyhow::Result<()> {
         let (name, ns) = (super::backend_label(i), self.namespace(Role::Backend(i)));
         let log_path = self.dir.join(format!("{name}.log"));
@@ -233,6 +301,7 @@ impl Lab {
         let mut child = Command::new(&self.server_binary)
             .args(["serve", "--netns", &ns, "--name", &name, "--tcp", &tcp4, "--tcp", &tcp6, "--udp", &udp4])
             .args(["--http", &http4, "--http", &http6])
+            .args(["--http", &format!("{VIP_V4}:{HEALTH_PORT}"), "--http", &format!("[{VIP_V6}]:{HEALTH_PORT}")])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -287,4 +356,18 @@ fn default_routes(ns: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
     ip_in(ns, &["-4", "route", "add", "default", "via", v4])?;
     ip_in(ns, &["-6", "route", "add", "default", "via", v6])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mtus_are_refused_out_of_range() {
+        Mtus::FABRIC.validate().unwrap();
+        Mtus::ETHERNET.validate().unwrap();
+        let narrow = Mtus { router_to_client: 1279, ..Mtus::ETHERNET };
+        assert!(narrow.validate().unwrap_err().to_string().contains("router to client MTU 1279"));
+        assert!(Mtus { fabric: 9001, ..Mtus::ETHERNET }.validate().is_err());
+    }
 }
