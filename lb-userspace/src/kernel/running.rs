@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use aya::maps::{Array, Map, MapData, MapInfo};
 use lb_common::maps::{
-    globals, Backend, Lineage, MaglevChunk, MaglevEntry, VipKey, VipMeta, CONFIG_MAPS, FAMILY_IPV4, GENERATION_ID_LEN,
+    globals, Backend, Lineage, MaglevChunk, MaglevEntry, VipKey, VipMeta, CONFIG_MAPS, FAMILY_IPV4, MAP_ICMP_BUDGET, GENERATION_ID_LEN,
     GENERATION_ID_MAGIC, MAGLEV_LINEAGE_FLAG, MAP_BACKENDS, MAP_LINEAGES, MAP_MAGLEV, MAP_VIPS, VIP_FLAG_ADDRESS_ONLY,
 };
 use lb_common::vip_index::VipSlot;
@@ -28,6 +28,8 @@ fn map_role(kernel_map_name: &str) -> &'static str {
         "config"
     } else if kernel_map_name.ends_with(".rodata") {
         "constants"
+    } else if kernel_map_name == kernel_name(MAP_ICMP_BUDGET) {
+        "budget"
     } else {
         "state"
     }
@@ -364,7 +366,8 @@ pub struct MapStatus {
     pub name: String,
     pub id: u32,
     pub max_entries: u32,
-    /// "config" (VIPs, backends, tables), "constants" (.rodata) or "state" (counters).
+    /// "config" (VIPs, backends, tables), "constants" (.rodata), "state" (counters, pinned,
+    /// shared by generations) or "budget" (the generation's own ICMP answer budget).
     pub role: &'static str,
     pub read_only_for_program: bool,
     pub frozen: bool,

@@ -85,6 +85,9 @@ fn attach_status_detach() {
     for map in counter_maps {
         assert_eq!(map["frozen"], false, "the program could not count into a frozen map: {map}");
     }
+    let budget = status.maps_with_role("budget");
+    assert_eq!(budget.len(), 1, "the ICMP answer budget: {budget:?}");
+    assert_eq!((&budget[0]["max_entries"], &budget[0]["frozen"]), (&1.into(), &false.into()), "{}", budget[0]);
 
     netns.ballast(&["detach", "--iface", LB_IF]).expect_success();
     let link = netns.ip(&["link", "show", LB_IF]);

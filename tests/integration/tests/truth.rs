@@ -27,7 +27,7 @@ use ballast::kernel::loader::LoadedGeneration;
 use ballast::kernel::running::{LinkState, Running};
 use ballast_test_support::{fixture, require_root, run};
 use ballast_tests::cli::{exit, Artifact, Netns, Workspace};
-use ballast_tests::{Packet, TcpFlags};
+use ballast_tests::{IcmpAnswer, Packet, TcpFlags};
 use ballast_tests::{ETHERNET_HEADER_LEN, XDP_DROP, XDP_TX};
 use serde_json::Value;
 
@@ -542,7 +542,12 @@ fn swap_follows_the_interfaces_mac_and_mtu_and_changes_gateway_and_source() -> a
     let out = lab.lb(&["swap", artifact.arg(), "--lineage-depth", "0"]).expect_success();
     assert!(out.stdout.contains("MTU 1500 -> 1400"), "{out}");
     lab.expect_verified();
-    assert_eq!(lab.test_run(&big)?.0, XDP_DROP, "too big now");
+    // Too big now: answered with "fragmentation needed" announcing the new MTU less IPIP's 20.
+    let (action, answer) = lab.test_run(&big)?;
+    assert_eq!(action, XDP_TX, "too big now");
+    let answer = IcmpAnswer::parse(&answer)?;
+    assert_eq!((answer.kind, answer.code, answer.checksum_valid), (3, 4, true), "frag-needed: {answer:?}");
+    assert_eq!(answer.mtu(), 1380, "the MTU it announces");
     let (action, out) = lab.test_run(&vip_frame(2001, 0))?;
     assert_eq!(action, XDP_TX);
     assert_eq!(&out[6..12], &mac_bytes(new_mac)?, "sent from the interface's MAC now");
