@@ -9,7 +9,8 @@ use super::record::{run_dir, Record};
 use super::teardown::namespace_pin_dir;
 use super::{
     backend_label, backend_v4, backend_v6, ballast_binary, config, down, lab_namespaces, lb_v4, namespace_of, serve,
-    validate_name, Lab, LabSpec, Role, ServeArgs, BACKEND_IFACE, CLIENT_V4, CLIENT_V6, LB_IFACE, TCP_PORT, VIP_V4,
+    validate_name, Lab, LabSpec, Mtus, Role, ServeArgs, BACKEND_IFACE, CLIENT_V4, CLIENT_V6, LB_IFACE, TCP_PORT,
+    VIP_V4,
 };
 
 /// What `ballast lab status` reports, read from the record, the lock and the kernel; the
@@ -259,6 +260,11 @@ pub enum LabCommand {
         /// 1, or 2 behind an ECMP route.
         #[arg(long, default_value_t = 1)]
         lbs: usize,
+        /// MTU of the links toward the load balancers and backends (default: the client's 1500
+        /// plus the largest outer header, so nothing is too big); 1500 is the common case,
+        /// where full-size packets are answered with "fragmentation needed" / "packet too big".
+        #[arg(long)]
+        fabric_mtu: Option<u32>,
     },
     /// End the lab's servers, detach everything and delete its namespaces (also after a
     /// partial `up`, and the pins of namespaces deleted by hand); refused while another
@@ -283,8 +289,12 @@ pub enum LabCommand {
 pub fn run(command: LabCommand) -> anyhow::Result<()> {
     let binary = ballast_binary;
     match command {
-        LabCommand::Up { name, backends, lbs } => {
-            let lab = Lab::up(&LabSpec::new(&name, backends, lbs), &binary()?)?;
+        LabCommand::Up { name, backends, lbs, fabric_mtu } => {
+            let mut spec = LabSpec::new(&name, backends, lbs);
+            if let Some(fabric) = fabric_mtu {
+                spec = spec.with_mtus(Mtus { fabric, ..Mtus::FABRIC });
+            }
+            let lab = Lab::up(&spec, &binary()?)?;
             let all: Vec<(usize, u32)> = (1..=backends).map(|i| (i, 1)).collect();
             let config = lab.write_file("lb.toml", &config(&all))?;
             for output in lab.attach(&config)? {
