@@ -27,6 +27,7 @@ fn build_ebpf_crate(package: &str, made_of: &[&str]) -> anyhow::Result<()> {
     }
     let root_dir = dir_of(package)?;
     require_ebpf_toolchain()?;
+    reproducible_paths();
     build_ebpf([Package { name: package, root_dir: &root_dir, ..Default::default() }], Toolchain::Custom(EBPF_TOOLCHAIN))
         .with_context(|| {
             format!(
@@ -48,4 +49,16 @@ fn require_ebpf_toolchain() -> anyhow::Result<()> {
          installed: run `cargo xtask setup` or `{}`",
         ebpf_toolchain_install_command()
     )
+}
+
+/// The eBPF objects keep their debug info and BTF (the loader needs the BTF), whose strings name
+/// source files: Cargo's trim-paths, set for the `cargo build` that aya-build runs (it inherits
+/// this script's environment; aya-build sets the rustflags itself), writes them relative to the
+/// workspace, the registry (`index.crates.io-.../aya-ebpf-0.2.1/...`) and `/rustc/<commit>` for
+/// core rather than as this checkout's, cargo home's and rustup's directories. The same commit
+/// then gives the same object bytes, so the same generation digest, in any directory and on
+/// any host with the same toolchain.
+fn reproducible_paths() {
+    std::env::set_var("CARGO_UNSTABLE_TRIM_PATHS", "true");
+    std::env::set_var("CARGO_PROFILE_RELEASE_TRIM_PATHS", "all");
 }

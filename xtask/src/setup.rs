@@ -20,7 +20,8 @@ use crate::process;
 include!("../../ebpf-toolchain.rs");
 
 /// Kernel-test tools and what bpf-linker's build needs besides LLVM itself ([`llvm_packages`]).
-const APT_PACKAGES: &[&str] = &["libzstd-dev", "iproute2", "ethtool", "tcpdump", "bpftool", "iputils-ping"];
+const APT_PACKAGES: &[&str] =
+    &["libzstd-dev", "iproute2", "ethtool", "tcpdump", "bpftool", "iputils-ping", "openssh-client"];
 /// The bpf-linker release known to build with stable 1.95 (against LLVM 21, 22 or 23).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";

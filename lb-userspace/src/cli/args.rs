@@ -89,12 +89,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The audit trail of an interface.
+    /// The audit trail of an interface; `--verify` checks the whole log's hash chain instead.
+    #[command(group(clap::ArgGroup::new("history_of").required(true).args(["iface", "verify"])))]
     History {
         #[command(flatten)]
-        target: IfaceArgs,
+        target: Option<IfaceArgs>,
         #[arg(long)]
         json: bool,
+        /// Check the audit log's hash chain (every interface's entries): exit 0 only if intact.
+        #[arg(long, conflicts_with_all = ["iface", "netns"])]
+        verify: bool,
     },
     /// The daemon: attach (or adopt), health-check backends, swap in new generations on
     /// health changes and config reloads (SIGHUP or file change), serve metrics.
@@ -130,6 +134,11 @@ pub enum Command {
         /// The TOML config.
         #[arg(long)]
         config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print ballast's version and the sha256 digest of each eBPF program it carries.
+    Version {
         #[arg(long)]
         json: bool,
     },

@@ -4,8 +4,11 @@ use serde::Serialize;
 use super::args::IfaceArgs;
 use crate::{
     ops::Target,
-    state::{AuditEntry, BadLine, StateDir},
-    Result,
+    state::{
+        chain::{self, ChainReport},
+        AuditEntry, BadLine, StateDir,
+    },
+    Error, Result,
 };
 
 /// An entry as `--json` prints it: the entry's own fields (`time` in seconds since the epoch,
@@ -17,7 +20,12 @@ struct Shown<'a> {
     time_rfc3339: String,
 }
 
-pub fn run(state: &StateDir, target: IfaceArgs, json: bool) -> Result<()> {
+pub fn run(state: &StateDir, target: Option<IfaceArgs>, json: bool, verify: bool) -> Result<()> {
+    if verify {
+        return verify_chain(state, json);
+    }
+    // clap requires --iface or --verify (args.rs).
+    let Some(target) = target else { return Err(Error::other("history needs --iface IF, or --verify")) };
     let iface = target.enter()?;
     let log = state.audit_log(&Target::new(&iface)?.key)?;
     // Lines that are not whole entries do not hide the others: they are named on stderr.
@@ -31,6 +39,55 @@ pub fn run(state: &StateDir, target: IfaceArgs, json: bool) -> Result<()> {
     } else {
         super::out(&render(&log.entries))
     }
+}
+
+/// `ballast history --verify`: the report, then an error (exit 1) if a link is broken.
+fn verify_chain(state: &StateDir, json: bool) -> Result<()> {
+    let path = state.root().join("audit.jsonl").display().to_string();
+    let report = chain::verify(state)?;
+    super::print(&report, json, |report| render_chain(&path, report))?;
+    match &report.broken {
+        None => Ok(()),
+        Some(broken) => {
+            Err(Error::Other(format!("{path}: the audit log's hash chain is broken at {}", broken.message)))
+        }
+    }
+}
+
+/// What `history --verify` prints.
+pub fn render_chain(path: &str, report: &ChainReport) -> String {
+    let mut text = String::new();
+    if report.unchained > 0 {
+        text += &format!(
+            "{} entries are unchained (written before chaining began), not verified{}\n",
+            report.unchained,
+            report.chain_begins_line.map(|l| format!("; the chain begins at line {l}")).unwrap_or_default()
+        );
+    }
+    for skipped in &report.skipped {
+        text += &format!(
+            "line {} is not an entry (an append cut short, e.g. by a crash); the chain links across it\n",
+            skipped.line
+        );
+    }
+    match &report.broken {
+        None if report.entries == report.unchained => {
+            text += &format!("ok   {path}: no chained entries (nothing to verify)\n");
+        }
+        None => {
+            let chained = report.entries - report.unchained;
+            let head = report.head_line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            text += &format!("ok   {path}: {chained} chained entries intact; last entry{head} {}\n", report.head);
+        }
+        Some(broken) => {
+            let when = broken.time.map(|t| format!(" at {}", rfc3339(t))).unwrap_or_default();
+            text += &format!("FAIL {path}: the chain breaks at line {} (entry {}){when}\n", broken.line, broken.index);
+            text += &format!("     {}\n", broken.message);
+            text += &format!("     expected prev {}\n", broken.expected);
+            text += &format!("     found prev    {}\n", broken.found.as_deref().unwrap_or("(none)"));
+        }
+    }
+    text
 }
 
 /// The warning for a line of the audit log that is not an entry.
@@ -117,9 +174,8 @@ mod tests {
             iface: "eth0".into(),
             from: Some("sha256:aaaa".into()),
             to: Some("sha256:bbbb".into()),
-            host: None,
-            reason: None,
             result: "ok".into(),
+            ..AuditEntry::default()
         };
         let text = render(&[entry]);
         assert!(text.starts_with("2023-11-14T22:13:20.500Z  swap"), "{text}");

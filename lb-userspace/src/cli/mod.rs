@@ -12,6 +12,7 @@ mod run;
 pub mod status;
 mod swap;
 pub mod verify;
+pub mod version;
 
 use std::path::Path;
 
@@ -35,13 +36,14 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Rollback { target, to } => swap::rollback(&open_state(state_dir)?, target, to.as_deref()),
         Command::Verify { target, json } => verify::run(&open_state(state_dir)?, target, json),
-        Command::History { target, json } => history::run(&open_state(state_dir)?, target, json),
+        Command::History { target, json, verify } => history::run(&open_state(state_dir)?, target, json, verify),
         Command::Status { target, json } => status::run(&open_state(state_dir)?, target, json),
         Command::Run { target, metrics, detach_on_exit } => {
             run::run(open_state(state_dir)?, target, metrics, detach_on_exit)
         }
         Command::Prune { dry_run, json } => prune::run(dry_run, json),
         Command::Decap { action } => decap::run(action),
+        Command::Version { json } => version::run(json),
         Command::Demo => external::lab(&["demo".into()]),
         Command::Lab { args } => external::lab(&args),
     }

@@ -3,7 +3,7 @@ use std::path::Path;
 
 use super::args::ReplaceArgs;
 use crate::{
-    generation::{artifact::load_generation_file, lineage::LineageOptions},
+    generation::lineage::LineageOptions,
     ops::{
         swap::{self, Swapped},
         Change, HostChange, SwapOptions, Target,
@@ -29,11 +29,13 @@ impl ReplaceArgs {
 
 /// Swaps in `generation`, or with none (`--settle`) the settled form of what runs.
 pub fn swap(state: &StateDir, generation: Option<&Path>, target: ReplaceArgs) -> Result<()> {
-    let incoming = generation.map(load_generation_file).transpose()?;
+    let incoming = generation.map(|path| swap::read_trusted(state, path)).transpose()?;
     let (iface, options) = target.enter()?;
     let target = Target::new(&iface)?;
     let swapped = match incoming {
-        Some(artifact) => swap::swap_with(state, &target, &artifact, &Change::command("swap"), &options)?,
+        Some((artifact, signed)) => {
+            swap::swap_with(state, &target, &artifact, &Change { signed, ..Change::command("swap") }, &options)?
+        }
         None => swap::settle(state, &target, &options)?,
     };
     super::out(&render_swapped(&iface, &swapped))?;

@@ -56,12 +56,13 @@ use self::{
 use crate::{
     generation::{
         address::parse_mac,
-        artifact::Artifact,
+        artifact::{Artifact, MAX_ARTIFACT_BYTES},
         config::{BackendConfig, Config, ConfigError, HealthVia},
         describe,
         digest::format_digest,
         lineage::LineageOptions,
         program::LOAD_BALANCER,
+        signature::{Policy, Signed},
     },
     kernel::{
         health_tunnel::{self, HealthTunnel},
@@ -174,6 +175,8 @@ struct ConfigRead {
     stamp: Stamp,
     /// None: not read, the stamp had not changed.
     config: Option<crate::Result<Config>>,
+    /// Who signed it, when the trust policy requires signatures (`FILE.sig`).
+    signed: Option<Signed>,
 }
 
 struct InFlight {
@@ -193,6 +196,9 @@ struct ConfigReader {
     path: PathBuf,
     /// `Config::load` (tests give one that hangs).
     load: fn(&Path) -> crate::Result<Config>,
+    /// The state directory's trust policy: with signatures required, a config is read once
+    /// and checked against its `FILE.sig` before it is parsed.
+    policy: Policy,
     timeout: Duration,
     /// Set while a read runs, also one given up on (its thread may never return).
     busy: Arc<AtomicBool>,
@@ -215,6 +221,7 @@ impl ConfigReader {
         ConfigReader {
             path,
             load: Config::load,
+            policy: Policy::default(),
             timeout: CONFIG_READ_TIMEOUT,
             busy: Arc::new(AtomicBool::new(false)),
             in_flight: None,
@@ -237,14 +244,24 @@ impl ConfigReader {
             }
             return false;
         }
-        let (done, path, load) = (Done(Arc::clone(&self.busy)), self.path.clone(), self.load);
+        let (done, path, load, policy) =
+            (Done(Arc::clone(&self.busy)), self.path.clone(), self.load, self.policy.clone());
         let task = tokio::task::spawn_blocking(move || {
             let _done = done;
             let stamp = stamp(&path);
             if !force && stamp == last {
-                return ConfigRead { stamp, config: None };
+                return ConfigRead { stamp, config: None, signed: None };
             }
-            ConfigRead { stamp, config: Some(load(&path)) }
+            if !policy.required() {
+                return ConfigRead { stamp, config: Some(load(&path)), signed: None };
+            }
+            match policy
+                .check_file(&path, MAX_ARTIFACT_BYTES, "config")
+                .and_then(|(bytes, signed)| Ok((Config::from_file_bytes(&path, &bytes)?, signed)))
+            {
+                Ok((config, signed)) => ConfigRead { stamp, config: Some(Ok(config)), signed },
+                Err(err) => ConfigRead { stamp, config: Some(Err(err)), signed: None },
+            }
         });
         let deadline = tokio::time::Instant::now() + self.timeout;
         self.in_flight = Some(InFlight { task, deadline, trigger });
@@ -351,6 +368,9 @@ struct Attempt {
 
 struct Daemon {
     state: StateDir,
+    /// Who signed the config in use (a trust policy requires it): every generation the daemon
+    /// derives from it goes live under that signature, its derivation recorded.
+    signed: Option<Signed>,
     options: RunOptions,
     target: Target,
     config: Config,
@@ -408,6 +428,7 @@ impl Daemon {
         signals: &mut Signals,
     ) -> crate::Result<Option<Daemon>> {
         let mut reader = ConfigReader::new(options.attach.generation.clone());
+        reader.policy = Policy::load(state.root())?;
         reader.start("start", true, None);
         let done = tokio::select! {
             done = read_done(&mut reader.in_flight) => done,
@@ -417,8 +438,8 @@ impl Daemon {
             }
         };
         let path = options.attach.generation.display().to_string();
-        let (config_stamp, config) = match done {
-            ReadDone::Read { read: ConfigRead { stamp, config: Some(config) }, .. } => (stamp, config?),
+        let (config_stamp, config, signed) = match done {
+            ReadDone::Read { read: ConfigRead { stamp, config: Some(config), signed }, .. } => (stamp, config?, signed),
             ReadDone::Read { .. } => crate::bail!("{path}: not read"),
             ReadDone::TimedOut { .. } => {
                 crate::bail!(
@@ -442,6 +463,7 @@ impl Daemon {
             health: BTreeMap::new(),
             applied: BTreeMap::new(),
             running: String::new(),
+            signed,
             running_artifact: None,
             settle_due: None,
             known_program: None,
@@ -461,7 +483,7 @@ impl Daemon {
         daemon.seed_from_running();
         let (config, _) = daemon.desired();
         let artifact = daemon.next_artifact(&config)?;
-        daemon.install(&artifact, &config, Change { action: "start", reason: None })?;
+        daemon.install(&artifact, &config, Change { action: "start", reason: None, signed: None })?;
         Ok(Some(daemon))
     }
 
@@ -500,7 +522,8 @@ impl Daemon {
     /// Makes `artifact` run, deciding from the kernel: adopted if it already serves the
     /// interface, swapped in over another generation, attached where nothing (or a dead link)
     /// is.
-    fn install(&mut self, artifact: &Artifact, config: &Config, change: Change) -> crate::Result<()> {
+    fn install(&mut self, artifact: &Artifact, config: &Config, mut change: Change) -> crate::Result<()> {
+        change.signed = self.derivation(artifact, config);
         let digest = artifact.digest_string();
         let iface = self.target.iface.clone();
         let result = tokio::task::block_in_place(|| -> crate::Result<&'static str> {
@@ -547,6 +570,31 @@ impl Daemon {
         }
     }
 
+    /// The config's signature as it covers `artifact`, built from `config` (the signed config
+    /// less the backends found dead, perhaps with a lineage): the derivation recorded.
+    fn derivation(&self, artifact: &Artifact, config: &Config) -> Option<Signed> {
+        let signed = self.signed.clone()?;
+        let mut excluded = Vec::new();
+        for vip in &self.config.vips {
+            let name = describe(vip);
+            let kept = config.vips.iter().find(|v| describe(v) == name);
+            for backend in &vip.backends {
+                if kept.is_none_or(|k| !k.backends.iter().any(|b| b.address == backend.address)) {
+                    excluded.push(format!("{} of {name}", backend.address));
+                }
+            }
+        }
+        let mut covers = signed.covers.clone();
+        if !excluded.is_empty() {
+            covers.push_str(&format!("; derived by the daemon: excluded {}", excluded.join(", ")));
+        }
+        if let Some(parent) = artifact.lineage.as_ref().and_then(|l| l.predecessors.first()) {
+            covers.push_str(&format!("; lineage built after {}", parent.digest));
+        }
+        covers.push_str(&format!("; went live as {}", artifact.digest_string()));
+        Some(Signed { covers, ..signed })
+    }
+
     fn count_swap(&self, cause: &'static str) {
         if let Ok(mut shared) = self.shared.lock() {
             *shared.swaps.entry(cause).or_default() += 1;
@@ -576,9 +624,9 @@ impl Daemon {
         let Some(running) = self.running_artifact.clone() else { return };
         let (config, _) = self.desired();
         let reason = format!("the drain period ({} s) of its lineage is over", self.config.daemon.drain_period_s);
-        let result = running
-            .settled()
-            .and_then(|settled| self.install(&settled, &config, Change { action: "settle", reason: Some(reason) }));
+        let result = running.settled().and_then(|settled| {
+            self.install(&settled, &config, Change { action: "settle", reason: Some(reason), signed: None })
+        });
         if let Err(err) = result {
             error!("settle: the running generation stays, trying again in {TICK:?}: {err:#}");
             self.settle_due = Some(Instant::now() + TICK);
@@ -813,7 +861,7 @@ impl Daemon {
             if artifact.digest_string() == self.running {
                 return Ok(());
             }
-            self.install(&artifact, &config, Change { action: cause, reason: Some(reason.clone()) })
+            self.install(&artifact, &config, Change { action: cause, reason: Some(reason.clone()), signed: None })
         });
         if let Err(err) = result {
             error!("{cause} ({reason}): the running generation stays: {err:#}");
@@ -828,11 +876,11 @@ impl Daemon {
     fn on_read(&mut self, done: ReadDone) {
         let path = self.options.attach.generation.display().to_string();
         let outcome = match done {
-            ReadDone::Read { read: ConfigRead { stamp, config: None }, .. } => {
+            ReadDone::Read { read: ConfigRead { stamp, config: None, .. }, .. } => {
                 self.config_stamp = stamp;
                 None
             }
-            ReadDone::Read { trigger, read: ConfigRead { stamp, config: Some(loaded) } } => {
+            ReadDone::Read { trigger, read: ConfigRead { stamp, config: Some(loaded), signed } } => {
                 self.config_stamp = stamp;
                 Some(match loaded {
                     Err(err) => {
@@ -842,7 +890,10 @@ impl Daemon {
                         );
                         "invalid"
                     }
-                    Ok(config) if config == self.config => "unchanged",
+                    Ok(config) if config == self.config => {
+                        self.signed = signed;
+                        "unchanged"
+                    }
                     Ok(config) => match self.plan_routes(&config) {
                         Err(err) => {
                             error!(
@@ -853,6 +904,7 @@ impl Daemon {
                         }
                         Ok(routes) => {
                             self.config = config;
+                            self.signed = signed;
                             self.routes = routes;
                             self.restart_checkers();
                             self.apply("reload", format!("config reloaded ({trigger})"));
@@ -955,7 +1007,7 @@ impl Daemon {
             *shared.drift.entry(kind).or_default() += 1;
             shared.drifted = true;
         }
-        let change = Change { action: "drift", reason: Some(what.clone()) };
+        let change = Change { action: "drift", reason: Some(what.clone()), signed: None };
         let record = self.state.record(&self.target.key).ok().flatten();
         if let Err(err) =
             audit(&self.state, &self.target, &change, Some(self.running.clone()), found.clone(), record.as_ref(), None)
@@ -986,9 +1038,9 @@ impl Daemon {
     fn restore(&mut self) {
         let Some(what) = self.drift.as_ref().map(|d| d.what.clone()) else { return };
         let (config, _) = self.desired();
-        let result = self
-            .next_artifact(&config)
-            .and_then(|artifact| self.install(&artifact, &config, Change { action: "restore", reason: Some(what) }));
+        let result = self.next_artifact(&config).and_then(|artifact| {
+            self.install(&artifact, &config, Change { action: "restore", reason: Some(what), signed: None })
+        });
         match result {
             Ok(()) => {}
             Err(err) => {

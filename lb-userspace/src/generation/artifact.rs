@@ -211,17 +211,21 @@ impl Artifact {
 /// Either file kind, told apart by the artifact magic: an artifact, or a TOML config built
 /// with this binary's program.
 pub fn load_generation_file(path: &Path) -> crate::Result<Artifact> {
-    let bytes = read_regular(path, MAX_ARTIFACT_BYTES, "generation file")?;
+    load_generation_bytes(path, &read_regular(path, MAX_ARTIFACT_BYTES, "generation file")?)
+}
+
+/// [`load_generation_file`] of the bytes read from `path` (e.g. once, to check a signature).
+pub fn load_generation_bytes(path: &Path, bytes: &[u8]) -> crate::Result<Artifact> {
     if bytes.starts_with(MAGIC) {
-        return Artifact::from_bytes(&bytes).with_context(|| format!("{}", path.display()));
+        return Artifact::from_bytes(bytes).with_context(|| format!("{}", path.display()));
     }
-    if std::str::from_utf8(&bytes).is_err() {
+    if std::str::from_utf8(bytes).is_err() {
         return Err(Error::ArtifactUnreadable(format!(
             "{}: neither a ballast artifact (no BALLAST magic at the start: damaged?) nor a TOML config (not text)",
             path.display()
         )));
     }
-    Artifact::build(&Config::from_file_bytes(path, &bytes)?, LOAD_BALANCER)
+    Artifact::build(&Config::from_file_bytes(path, bytes)?, LOAD_BALANCER)
 }
 
 struct Reader<'a> {

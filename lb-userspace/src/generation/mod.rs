@@ -12,6 +12,7 @@ pub mod digest;
 pub mod inspect;
 pub mod lineage;
 pub mod program;
+pub mod signature;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use crate::{bail, error::Context as _};
 
 use super::{
-    audit, check_gateway_mac, check_program, check_vips_on_host, preflight, read_record, swap::recover, Allow, Change,
-    Target,
+    audit, check_gateway_mac, check_program, check_vips_on_host, preflight, read_record,
+    swap::{keep_signature, read_trusted, recover},
+    Allow, Change, Target,
 };
 use crate::{
     generation::{
         address::parse_mac,
-        artifact::{load_generation_file, Artifact},
+        artifact::Artifact,
         counter_slots::{Assignment, CounterDiscount, CounterSlots},
     },
     kernel::{
@@ -73,7 +74,8 @@ pub fn attach(state: &StateDir, request: &AttachRequest) -> crate::Result<Attach
 
 /// [`attach`], with what `allow` allows.
 pub fn attach_with(state: &StateDir, request: &AttachRequest, allow: Allow) -> crate::Result<Attached> {
-    attach_artifact_with(state, &load_generation_file(&request.generation)?, request, &Change::command("attach"), allow)
+    let (artifact, signed) = read_trusted(state, &request.generation)?;
+    attach_artifact_with(state, &artifact, request, &Change { signed, ..Change::command("attach") }, allow)
 }
 
 /// [`attach`] with the generation already in hand (`request.generation` is not read).
@@ -181,8 +183,9 @@ pub fn attach_artifact_with(
                 Some(reason) => format!("{reason}; {problem}: replaced by a fresh link"),
                 None => format!("{problem}: replaced by a fresh link"),
             }),
+            signed: change.signed.clone(),
         },
-        None => Change { action: change.action, reason: change.reason.clone() },
+        None => Change { action: change.action, reason: change.reason.clone(), signed: change.signed.clone() },
     };
     let change = &change;
     let mut record = IfaceRecord {
@@ -196,6 +199,7 @@ pub fn attach_artifact_with(
         pending_host: None,
         lineage: RecordedLineage::of(artifact),
     };
+    keep_signature(state, artifact, change)?;
     state.store(artifact)?;
     state.write_record(&target.key, &record)?;
     if replaced.is_some() {
@@ -273,6 +277,7 @@ pub fn detach(state: &StateDir, iface: &str) -> crate::Result<PathBuf> {
             (None, false) => Some("no link was pinned; removed the pins left behind".to_owned()),
             (None, true) => None,
         },
+        signed: None,
     };
     audit(state, &target, &change, from, None, record.as_ref(), result.as_ref().err())?;
     result?;

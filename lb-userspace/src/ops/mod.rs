@@ -11,7 +11,7 @@ pub mod verify;
 use std::net::IpAddr;
 
 use crate::{
-    generation::{artifact::Artifact, describe, program::LOAD_BALANCER},
+    generation::{artifact::Artifact, describe, program::LOAD_BALANCER, signature::Signed},
     kernel::{pins, sys},
     state::{self, AuditEntry, IfaceRecord, StateDir},
 };
@@ -128,6 +128,8 @@ pub struct Target {
 pub struct Change {
     pub action: &'static str,
     pub reason: Option<String>,
+    /// Who signed the generation that goes live (a trust policy requires it).
+    pub signed: Option<Signed>,
 }
 
 /// Appends one audit entry; `failure` is the error of a failed attempt.
@@ -148,6 +150,7 @@ pub fn audit(
         to,
         host: record.map(|r| r.host.clone()),
         reason: change.reason.clone(),
+        signed: change.signed.clone(),
         result: failure.map_or_else(|| "ok".to_owned(), |e| format!("failed: {e:#}")),
     })
 }
@@ -160,7 +163,7 @@ impl Target {
 
 impl Change {
     pub fn command(action: &'static str) -> Change {
-        Change { action, reason: None }
+        Change { action, reason: None, signed: None }
     }
 }
 

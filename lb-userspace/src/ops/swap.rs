@@ -13,6 +13,8 @@
 //! bpf_link_update; `ballast attach` replaces it. A generation that runs without a record (the
 //! state directory was lost, or the record is corrupt) is adopted from the kernel first: its
 //! digest, host parameters and counter slots are read back from what runs.
+use std::path::Path;
+
 use crate::{bail, error::Context as _, other};
 use aya::programs::links::{FdLink, PinnedLink};
 use serde::Serialize;
@@ -24,10 +26,11 @@ use super::{
 use crate::{
     generation::{
         address::{format_mac, parse_mac},
-        artifact::Artifact,
+        artifact::{load_generation_bytes, Artifact, MAGIC, MAX_ARTIFACT_BYTES},
         counter_slots::{Assignment, CounterDiscount},
         digest::format_digest,
         lineage::{LineageOptions, LineageSummary},
+        signature::{Policy, Signed},
     },
     kernel::{
         counters::zero_fresh_slots,
@@ -39,6 +42,60 @@ use crate::{
     state::{checkpoint, HostRecord, IfaceLock, IfaceRecord, RecordedLineage, StateDir},
     Error,
 };
+
+/// The generation in `path` (an artifact or a TOML config) and, when the state directory's
+/// trust policy requires signatures, who signed it (`path.sig`, checked against the bytes read
+/// once): refused, before anything is loaded or changed, unless signed by an allowed key.
+pub fn read_trusted(state: &StateDir, path: &Path) -> crate::Result<(Artifact, Option<Signed>)> {
+    let policy = Policy::load(state.root())?;
+    let (bytes, mut signed) = policy.check_file(path, MAX_ARTIFACT_BYTES, "generation file")?;
+    let artifact = load_generation_bytes(path, &bytes)?;
+    if let Some(signed) = signed.as_mut() {
+        let how = if bytes.starts_with(MAGIC) { "the artifact of" } else { "a config, built into" };
+        signed.covers = format!("{}, {how} {}", signed.covers, artifact.digest_string());
+    }
+    Ok((artifact, signed))
+}
+
+/// Keeps the signature of what `change` makes live beside `artifact` in the state directory,
+/// with the bytes it signs when those are not the artifact (a config, or the parent of a
+/// derived generation): a rollback checks it again ([`kept_trust`]).
+pub(crate) fn keep_signature(state: &StateDir, artifact: &Artifact, change: &Change) -> crate::Result<()> {
+    let Some(signed) = &change.signed else { return Ok(()) };
+    let source = (signed.subject != artifact.to_bytes()).then_some(signed.subject.as_slice());
+    state.store_signature(&artifact.digest_string(), &signed.signature, source)
+}
+
+/// Who signed the kept generation `artifact` (`what` names it), when the trust policy
+/// requires signatures: its kept signature is checked again. A kept signature of other bytes
+/// (the config it was built from, or the signed generation it was derived from) covers it
+/// when those build the same tables and program (the settled digests agree): only a lineage
+/// was added. A generation the daemon derived by excluding backends is not covered.
+pub(crate) fn kept_trust(state: &StateDir, artifact: &Artifact, what: &str) -> crate::Result<Option<Signed>> {
+    let policy = Policy::load(state.root())?;
+    if !policy.required() {
+        return Ok(None);
+    }
+    let digest = artifact.digest_string();
+    let what = format!("{what} {digest}");
+    let Some((signature, source)) = state.signature(&digest)? else {
+        return policy.check(&format!("{what} (no signature kept in {})", state.root().display()), &[], None);
+    };
+    let subject = source.clone().unwrap_or_else(|| artifact.to_bytes());
+    let Some(mut signed) = policy.check(&what, &subject, Some(&signature))? else { return Ok(None) };
+    if source.is_some() {
+        let parent = load_generation_bytes(Path::new(&format!("{what} (signed file)")), &subject)?;
+        if parent.settled_digest() != artifact.settled_digest() {
+            return Err(other!(
+                "{what}: its kept signature covers {}, which builds other tables or another program (the daemon \
+                 derived it by excluding backends): it cannot be checked again; make a signed file live instead",
+                parent.digest_string()
+            ));
+        }
+        signed.covers = format!("{what}, derived from the signed {}", parent.digest_string());
+    }
+    Ok(Some(signed))
+}
 
 /// Settles a record left with `pending` set by a command that died; returns what it did.
 /// The caller holds the interface's lock. An unreadable record has nothing to settle: the
@@ -83,7 +140,7 @@ pub fn recover(state: &StateDir, target: &Target) -> crate::Result<Option<String
     audit(
         state,
         target,
-        &Change { action: "recover", reason: Some(note.clone()) },
+        &Change { action: "recover", reason: Some(note.clone()), signed: None },
         None,
         record.current.clone(),
         Some(&record),
@@ -137,8 +194,11 @@ pub fn settle(state: &StateDir, target: &Target, options: &SwapOptions) -> crate
     }
     let settled = running.settled()?;
     check_program(&settled, options.allow)?;
+    let signed = kept_trust(state, &running, "the running generation")?
+        .map(|s| Signed { covers: format!("{}; settled", s.covers), ..s });
     let options = SwapOptions { lineage: None, ..options.clone() };
-    swap_locked(state, target, &settled, &Change::command("settle"), record, Notes { recovered, adopted }, &options)
+    let change = Change { signed, ..Change::command("settle") };
+    swap_locked(state, target, &settled, &change, record, Notes { recovered, adopted }, &options)
 }
 
 /// Takes the interface's lock and settles what an interrupted command left.
@@ -231,7 +291,7 @@ fn adopt(
     audit(
         state,
         target,
-        &Change { action: "adopt", reason: Some(note.clone()) },
+        &Change { action: "adopt", reason: Some(note.clone()), signed: None },
         None,
         Some(digest),
         Some(&record),
@@ -314,6 +374,13 @@ fn swap_locked(
             (None, false) => Some(host_changes.join(", ")),
             (Some(reason), false) => Some(format!("{reason}; {}", host_changes.join(", "))),
         },
+        signed: change.signed.clone().map(|signed| match (&derived, &from) {
+            (Some(_), Some(from)) => Signed {
+                covers: format!("{}; went live as {to}, its lineage built after {from}", signed.covers),
+                ..signed
+            },
+            _ => signed,
+        }),
     };
     let result = (|| -> crate::Result<usize> {
         // Identities keep their counter slots; new ones get slots neither generation uses,
@@ -329,6 +396,7 @@ fn swap_locked(
         let (mut loaded, preflight_packets) = prepared?;
         checkpoint("loaded");
         checkpoint("preflight");
+        keep_signature(state, artifact, &change)?;
         state.store(artifact)?;
         record.pending = Some(to.clone());
         record.pending_counter_slots = Some(assignment.slots.clone());
@@ -451,7 +519,18 @@ pub fn rollback_with(
     let stored = state.artifact(&digest)?;
     let artifact = if options.lineage.is_some() { stored.settled()? } else { stored };
     check_program(&artifact, options.allow)?;
-    swap_locked(state, target, &artifact, &Change::command("rollback"), record, Notes { recovered, adopted }, options)
+    let signed = kept_trust(state, &stored_again(state, &digest, &artifact)?, "kept generation")?;
+    let change = Change { signed, ..Change::command("rollback") };
+    swap_locked(state, target, &artifact, &change, record, Notes { recovered, adopted }, options)
+}
+
+/// The kept generation `digest`: `artifact` when it is that one, else read again.
+fn stored_again(state: &StateDir, digest: &str, artifact: &Artifact) -> crate::Result<Artifact> {
+    if artifact.digest_string() == digest {
+        Ok(artifact.clone())
+    } else {
+        state.artifact(digest)
+    }
 }
 
 fn kept(record: &IfaceRecord) -> String {

@@ -5,9 +5,11 @@
 //!
 //! Layout: `generations/<hex>.bal` (content-addressed artifacts), `ifaces/<key>/record.json`
 //! and `ifaces/<key>/lock` per interface (key = the pin key: `IF` or `netns-COOKIE/IF`),
-//! `audit.jsonl` (append-only, one JSON object a line). Retention: each interface keeps its
-//! current generation and the [`ROLLBACK_DEPTH`] before it; artifacts no interface keeps are
-//! deleted.
+//! `audit.jsonl` (append-only, one JSON object a line, hash-chained: [`chain`]). Retention:
+//! each interface keeps its current generation and the [`ROLLBACK_DEPTH`] before it; artifacts
+//! no interface keeps are deleted.
+pub mod chain;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
 use std::os::fd::AsRawFd as _;
@@ -25,6 +27,7 @@ use crate::{
         counter_slots::{CounterDiscount, CounterSlots},
         digest::hex,
         lineage::LineageSummary,
+        signature::Signed,
     },
     kernel::loader::HostParams,
 };
@@ -125,7 +128,13 @@ impl IfaceRecord {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A signature kept beside a generation, and the bytes it signs when those are not the
+/// artifact ([`StateDir::store_signature`]).
+pub type KeptSignature = (Vec<u8>, Option<Vec<u8>>);
+
+/// One line of `audit.jsonl`. Fields are added as `Option` with `#[serde(default)]`, so that
+/// older entries still parse; build entries with `..Default::default()`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// Seconds since the Unix epoch.
     pub time: f64,
@@ -137,7 +146,22 @@ pub struct AuditEntry {
     /// Why, when the change had a cause beyond an operator's command (health, reload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Who signed what went live, when a trust policy requires signatures (see
+    /// `generation::signature`): the key's fingerprint and what the signature covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<Signed>,
     pub result: String,
+}
+
+/// An entry as `audit.jsonl` holds it: its fields, then the hash chain's link `prev`
+/// (`sha256:<hex>` of the previous entry's line, or [`chain::GENESIS`]), which
+/// [`StateDir::audit`] adds. None in entries written before chaining began.
+#[derive(Serialize, Deserialize)]
+struct ChainedEntry<E> {
+    #[serde(flatten)]
+    entry: E,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prev: Option<String>,
 }
 
 /// What [`StateDir::audit_log`] read: the entries of one interface, and the lines of the
@@ -149,7 +173,7 @@ pub struct AuditLog {
 }
 
 /// A line of `audit.jsonl` that is not a whole entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BadLine {
     /// 1-based.
     pub line: usize,
@@ -163,6 +187,20 @@ pub struct BadLine {
 pub const MAX_RECORD_BYTES: u64 = 64 << 20;
 /// Audit lines longer than this are skipped (an entry takes a few hundred bytes).
 const MAX_AUDIT_LINE_BYTES: u64 = 1 << 20;
+
+/// One line of `audit.jsonl` as [`StateDir::scan_audit_log`] reads it.
+pub(crate) enum LogLine<'a> {
+    /// An entry: its 1-based line number, its bytes as written (without the newline), its link.
+    Entry { line: usize, raw: &'a [u8], entry: Box<AuditEntry>, prev: Option<String> },
+    /// Not an entry (`last` is left false: the scan's caller knows the last line's number).
+    Bad(BadLine),
+}
+
+/// An audit line (without its newline) as an entry and its link.
+fn parse_entry(raw: &[u8]) -> serde_json::Result<(AuditEntry, Option<String>)> {
+    let chained = serde_json::from_str::<ChainedEntry<AuditEntry>>(String::from_utf8_lossy(raw).trim_end())?;
+    Ok((chained.entry, chained.prev))
+}
 
 /// Opens (creating, 0600, in a private directory) and locks `path` without waiting: None when
 /// another process holds it.
@@ -236,6 +274,39 @@ impl StateDir {
             files::tighten(&path, files::PRIVATE_FILE_MODE)?;
         }
         Ok(())
+    }
+
+    /// Keeps the signature of generation `digest` beside it (`<hex>.sig`), and the file it
+    /// signs when that is not the artifact itself (`<hex>.signed`: the config it was built
+    /// from), so that a rollback can check it again. Removed with the artifact.
+    pub fn store_signature(&self, digest: &str, signature: &[u8], signed_file: Option<&[u8]>) -> crate::Result<()> {
+        let path = self.artifact_path(digest)?;
+        write_atomically(&path.with_extension("sig"), signature)?;
+        let source = path.with_extension("signed");
+        match signed_file {
+            Some(bytes) => write_atomically(&source, bytes),
+            None => match std::fs::remove_file(&source) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("removing {}", source.display()))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The signature kept for generation `digest` and the file it signs when that is not the
+    /// artifact ([`StateDir::store_signature`]); None: none kept.
+    pub fn signature(&self, digest: &str) -> crate::Result<Option<KeptSignature>> {
+        let path = self.artifact_path(digest)?;
+        let Some(signature) = files::read_regular_if_exists(&path.with_extension("sig"), 1 << 20, "signature")? else {
+            return Ok(None);
+        };
+        let source = files::read_regular_if_exists(
+            &path.with_extension("signed"),
+            crate::generation::artifact::MAX_ARTIFACT_BYTES,
+            "signed file",
+        )?;
+        Ok(Some((signature, source)))
     }
 
     /// The digests (sha256:...) of the artifacts kept in `generations/`.
@@ -324,10 +395,10 @@ impl StateDir {
         }
     }
 
+    /// Appends `entry` with its link to the log's last entry ([`chain`]). Every audit entry
+    /// is written through here.
     pub fn audit(&self, entry: &AuditEntry) -> crate::Result<()> {
         let path = self.root.join("audit.jsonl");
-        let mut line = serde_json::to_string(entry).context("rendering the audit entry")?;
-        line.push('\n');
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -341,6 +412,17 @@ impl StateDir {
             bail!("{} is not a regular file; the audit entry was not written", path.display());
         }
         files::tighten(&path, files::PRIVATE_FILE_MODE)?;
+        // One append at a time, from reading the last entry to writing this one: two appenders
+        // linking to the same entry would fork the chain. Released when `file` is closed.
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+        }
+        let meta = file.metadata().with_context(|| format!("examining {}", path.display()))?;
+        let last = chain::last_entry_line(&file, meta.len()).with_context(|| format!("reading {}", path.display()))?;
+        let prev = Some(last.as_deref().map_or_else(|| chain::GENESIS.to_owned(), chain::link));
+        let mut line = serde_json::to_string(&ChainedEntry { entry, prev }).context("rendering the audit entry")?;
+        line.push('\n');
         // A crash mid-append leaves a line without its newline: start on a line of our own.
         if meta.len() > 0 {
             let mut last = [0u8; 1];
@@ -362,15 +444,32 @@ impl StateDir {
     /// The audit entries of interface `key` and the lines of the log that are not whole
     /// entries (a crash mid-append tears the last one): those are skipped, not fatal.
     pub fn audit_log(&self, key: &str) -> crate::Result<AuditLog> {
+        let mut log = AuditLog::default();
+        let last_line = self.scan_audit_log(|line| match line {
+            LogLine::Entry { entry, .. } => {
+                if entry.iface == key {
+                    log.entries.push(*entry);
+                }
+            }
+            LogLine::Bad(bad) => log.bad_lines.push(bad),
+        })?;
+        if let Some(bad) = log.bad_lines.last_mut() {
+            bad.last = bad.line == last_line;
+        }
+        Ok(log)
+    }
+
+    /// Reads `audit.jsonl` line by line (blank lines skipped); the number of its last line
+    /// (0 when it is empty or absent).
+    pub(crate) fn scan_audit_log(&self, mut visit: impl FnMut(LogLine<'_>)) -> crate::Result<usize> {
         use std::io::BufRead as _;
         let path = self.root.join("audit.jsonl");
         let file = match files::open_regular(&path, "the audit log") {
             Ok((file, _)) => file,
-            Err(e) if files::is_not_found(&e) => return Ok(AuditLog::default()),
+            Err(e) if files::is_not_found(&e) => return Ok(0),
             Err(e) => return Err(e),
         };
         let mut reader = std::io::BufReader::new(file);
-        let mut log = AuditLog::default();
         let mut buf = Vec::new();
         let mut number = 0usize;
         loop {
@@ -397,26 +496,19 @@ impl StateDir {
                         break;
                     }
                 }
-                log.bad_lines.push(BadLine { line: number, last: false, why: "longer than 1 MiB".to_owned() });
+                visit(LogLine::Bad(BadLine { line: number, last: false, why: "longer than 1 MiB".to_owned() }));
                 continue;
             }
-            let text = String::from_utf8_lossy(&buf);
-            if text.trim().is_empty() {
+            let raw = buf.strip_suffix(b"\n").unwrap_or(&buf);
+            if raw.trim_ascii().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<AuditEntry>(text.trim_end()) {
-                Ok(entry) => {
-                    if entry.iface == key {
-                        log.entries.push(entry);
-                    }
-                }
-                Err(e) => log.bad_lines.push(BadLine { line: number, last: false, why: e.to_string() }),
+            match parse_entry(raw) {
+                Ok((entry, prev)) => visit(LogLine::Entry { line: number, raw, entry: Box::new(entry), prev }),
+                Err(e) => visit(LogLine::Bad(BadLine { line: number, last: false, why: e.to_string() })),
             }
         }
-        if let Some(bad) = log.bad_lines.last_mut() {
-            bad.last = bad.line == number;
-        }
-        Ok(log)
+        Ok(number)
     }
 
     /// Deletes stored artifacts that no interface record refers to.
@@ -432,9 +524,10 @@ impl StateDir {
         for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
             let path = entry?.path();
             let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
-            if path.extension().is_some_and(|e| e == "bal") && !kept.contains(&format!("sha256:{stem}")) {
+            let kept_kind = path.extension().is_some_and(|e| e == "bal" || e == "sig" || e == "signed");
+            if kept_kind && !kept.contains(&format!("sha256:{stem}")) {
                 std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-                removed += 1;
+                removed += usize::from(path.extension().is_some_and(|e| e == "bal"));
             }
         }
         Ok(removed)
@@ -480,32 +573,16 @@ mod tests {
 
     use super::*;
 
-    struct Scratch(PathBuf);
+    pub(super) use crate::files::Scratch;
 
-    impl Scratch {
-        fn new(tag: &str) -> Scratch {
-            let path = std::env::temp_dir().join(format!("ballast-state-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&path);
-            Scratch(path)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn entry(iface: &str, action: &str) -> AuditEntry {
+    pub(super) fn entry(iface: &str, action: &str) -> AuditEntry {
         AuditEntry {
             time: 1_700_000_000.0,
             action: action.to_owned(),
             iface: iface.to_owned(),
-            from: None,
             to: Some(format!("sha256:{}", "a".repeat(64))),
-            host: None,
-            reason: None,
             result: "ok".to_owned(),
+            ..AuditEntry::default()
         }
     }
 
@@ -513,14 +590,14 @@ mod tests {
         std::fs::metadata(path).unwrap().mode() & 0o7777
     }
 
-    fn append_raw(path: &Path, bytes: &[u8]) {
+    pub(super) fn append_raw(path: &Path, bytes: &[u8]) {
         let mut file = OpenOptions::new().append(true).open(path).unwrap();
         file.write_all(bytes).unwrap();
     }
 
     #[test]
     fn a_torn_last_line_hides_no_entry_and_the_next_append_starts_a_line() {
-        let scratch = Scratch::new("torn-last");
+        let scratch = Scratch::new("state-torn-last");
         let state = StateDir::open(Some(&scratch.0)).unwrap();
         state.audit(&entry("eth0", "attach")).unwrap();
         state.audit(&entry("eth0", "swap")).unwrap();
@@ -545,7 +622,7 @@ mod tests {
 
     #[test]
     fn a_bad_line_in_the_middle_is_named_by_its_number() {
-        let scratch = Scratch::new("torn-middle");
+        let scratch = Scratch::new("state-torn-middle");
         let state = StateDir::open(Some(&scratch.0)).unwrap();
         state.audit(&entry("eth0", "attach")).unwrap();
         append_raw(&scratch.0.join("audit.jsonl"), b"{\"time\": 1, \"garbage\n\n");
@@ -559,7 +636,9 @@ mod tests {
 
     #[test]
     fn the_state_directory_is_private() {
-        let scratch = Scratch::new("modes");
+        let scratch = Scratch::new("state-modes");
+        // A state directory that does not exist yet: ballast makes it.
+        std::fs::remove_dir(&scratch.0).unwrap();
         let state = StateDir::open(Some(&scratch.0)).unwrap();
         assert_eq!(mode(&scratch.0), 0o700, "a new state directory");
         for dir in ["generations", "ifaces"] {
@@ -589,7 +668,7 @@ mod tests {
 
     #[test]
     fn records_that_are_not_regular_files_are_refused_without_blocking() {
-        let scratch = Scratch::new("fifo-record");
+        let scratch = Scratch::new("state-fifo-record");
         let state = StateDir::open(Some(&scratch.0)).unwrap();
         let dir = scratch.0.join("ifaces/eth0");
         std::fs::create_dir_all(&dir).unwrap();

@@ -166,3 +166,21 @@ impl Captured {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
+
+/// The digest (`sha256:` and hex) `sha256sum`, an implementation independent of ballast's,
+/// gives `bytes`.
+pub fn sha256sum(bytes: &[u8]) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running sha256sum")?;
+    let mut stdin = child.stdin.take().context("sha256sum has no stdin")?;
+    stdin.write_all(bytes).context("writing to sha256sum")?;
+    drop(stdin);
+    let out = child.wait_with_output().context("sha256sum")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.split_whitespace().next().context("sha256sum printed nothing")?;
+    Ok(format!("sha256:{hex}"))
+}

@@ -27,7 +27,7 @@ mod command;
 mod netns;
 pub mod tcp;
 
-pub use command::{ip, run, run_with_timeout, Output, DEFAULT_TIMEOUT};
+pub use command::{ip, run, run_with_timeout, sha256sum, Output, DEFAULT_TIMEOUT};
 pub use netns::{remove_namespace, remove_stale_namespaces, NetNs, NETNS_DIR};
 
 /// `tests/fixtures/`: the test configs, one TOML file each, named by what they hold.
