@@ -20,8 +20,20 @@ use crate::process;
 include!("../../ebpf-toolchain.rs");
 
 /// Kernel-test tools and what bpf-linker's build needs besides LLVM itself ([`llvm_packages`]).
-const APT_PACKAGES: &[&str] =
-    &["libzstd-dev", "iproute2", "ethtool", "tcpdump", "bpftool", "iputils-ping", "openssh-client"];
+const APT_PACKAGES: &[&str] = &[
+    "libzstd-dev",
+    "iproute2",
+    "ethtool",
+    "tcpdump",
+    "bpftool",
+    "iputils-ping",
+    "openssh-client",
+    // tests/integration/tests/oci.rs: a real registry, a second client reading it, and the
+    // certificates of a registry with a private CA.
+    "docker-registry",
+    "skopeo",
+    "openssl",
+];
 /// The bpf-linker release known to build with stable 1.95 (against LLVM 21, 22 or 23).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS_MOUNT_POINT: &str = "/sys/fs/bpf";

@@ -64,7 +64,7 @@ pub enum Command {
     /// interface's MAC and MTU are read again; a generation running without a record is
     /// adopted first).
     Swap {
-        /// A generation artifact or a TOML config.
+        /// A generation artifact or a TOML config, or `oci://REGISTRY/REPO[:TAG|@sha256:...]`.
         #[arg(required_unless_present = "settle")]
         generation: Option<PathBuf>,
         /// Swap in the settled form of what runs (same config, no lineage): flows whose slot
@@ -73,6 +73,32 @@ pub enum Command {
         settle: bool,
         #[command(flatten)]
         target: ReplaceArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Push a generation artifact (and `FILE.sig`) to an OCI registry (README "Registries").
+    Push {
+        /// The artifact (`ballast build`).
+        file: PathBuf,
+        /// REGISTRY/REPO[:TAG].
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull a generation artifact (and its signature) from an OCI registry, by tag or by
+    /// digest (REGISTRY/REPO@sha256:...), every byte checked.
+    Pull {
+        /// REGISTRY/REPO[:TAG] or REGISTRY/REPO@sha256:...
+        reference: String,
+        /// Where to write the artifact (and FILE.sig).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
     },
     /// Return atomically to the previous generation, or to the one named.
     Rollback {
@@ -175,7 +201,8 @@ pub struct IfaceArgs {
 /// Where and how a generation is attached.
 #[derive(clap::Args)]
 pub struct AttachArgs {
-    /// A TOML config or a generation artifact (`ballast build`).
+    /// A TOML config or a generation artifact (`ballast build`), or `oci://REGISTRY/REPO[:TAG|@sha256:...]`
+    /// (attach only).
     #[arg(long, alias = "artifact")]
     pub config: PathBuf,
     #[command(flatten)]
@@ -198,6 +225,25 @@ pub struct AttachCommandArgs {
     pub attach: AttachArgs,
     #[command(flatten)]
     pub allow: AllowArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to reach an OCI registry: `push`, `pull`, and a generation given as `oci://REF`.
+#[derive(clap::Args)]
+pub struct RegistryArgs {
+    /// Speak plain HTTP to the registry (no TLS).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// A PEM file of CA certificates to trust for the registry, besides the system's.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// The registry user (with --password-stdin); default: `~/.docker/config.json`'s auths.
+    #[arg(long, requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the registry password from stdin.
+    #[arg(long, requires = "username")]
+    pub password_stdin: bool,
 }
 
 /// What attach, swap and rollback refuse unless told.

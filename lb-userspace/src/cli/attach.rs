@@ -3,7 +3,8 @@ use super::args::{AllowArgs, AttachArgs, AttachCommandArgs, IfaceArgs};
 use crate::{
     ops::{
         attach::{self, AttachRequest, Attached},
-        Allow,
+        swap::read_trusted,
+        Allow, Change,
     },
     state::StateDir,
     Result,
@@ -34,8 +35,11 @@ impl AttachArgs {
 
 pub fn attach(state: &StateDir, target: AttachCommandArgs) -> Result<()> {
     let allow = target.allow.allow();
-    let request = target.attach.enter()?;
-    let attached = attach::attach_with(state, &request, allow)?;
+    let (generation, pulled) = target.registry.resolve(state, &target.attach.config)?;
+    let request = AttachRequest { generation, ..target.attach.enter()? };
+    let (artifact, signed) = read_trusted(state, &request.generation)?;
+    let change = Change { signed, reason: super::pull::pulled_reason(pulled), ..Change::command("attach") };
+    let attached = attach::attach_artifact_with(state, &artifact, &request, &change, allow)?;
     super::out(&format!("{}\n", render_attached(&request.iface, &attached)))?;
     Ok(())
 }

@@ -8,6 +8,8 @@ mod external;
 mod history;
 pub mod inspect;
 mod prune;
+mod pull;
+mod push;
 mod run;
 pub mod status;
 mod swap;
@@ -31,9 +33,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect { generation, json } => inspect::run(&generation, json),
         Command::Attach { target } => attach::attach(&open_state(state_dir)?, target),
         Command::Detach { target } => attach::detach(&open_state(state_dir)?, target),
-        Command::Swap { generation, settle: _, target } => {
-            swap::swap(&open_state(state_dir)?, generation.as_deref(), target)
+        Command::Swap { generation, settle: _, target, registry } => {
+            swap::swap(&open_state(state_dir)?, generation.as_deref(), target, &registry)
         }
+        Command::Push { file, reference, registry, json } => push::run(&file, &reference, &registry, json),
+        Command::Pull { reference, output, registry, json } => pull::run(&reference, &output, &registry, json),
         Command::Rollback { target, to } => swap::rollback(&open_state(state_dir)?, target, to.as_deref()),
         Command::Verify { target, json } => verify::run(&open_state(state_dir)?, target, json),
         Command::History { target, json, verify } => history::run(&open_state(state_dir)?, target, json, verify),

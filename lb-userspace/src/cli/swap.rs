@@ -1,7 +1,7 @@
 //! `ballast swap` and `ballast rollback`.
 use std::path::Path;
 
-use super::args::ReplaceArgs;
+use super::args::{RegistryArgs, ReplaceArgs};
 use crate::{
     generation::lineage::LineageOptions,
     ops::{
@@ -28,13 +28,21 @@ impl ReplaceArgs {
 }
 
 /// Swaps in `generation`, or with none (`--settle`) the settled form of what runs.
-pub fn swap(state: &StateDir, generation: Option<&Path>, target: ReplaceArgs) -> Result<()> {
-    let incoming = generation.map(|path| swap::read_trusted(state, path)).transpose()?;
+pub fn swap(state: &StateDir, generation: Option<&Path>, target: ReplaceArgs, registry: &RegistryArgs) -> Result<()> {
+    let (generation, pulled) = match generation {
+        Some(path) => {
+            let (file, pulled) = registry.resolve(state, path)?;
+            (Some(file), pulled)
+        }
+        None => (None, None),
+    };
+    let incoming = generation.as_deref().map(|path| swap::read_trusted(state, path)).transpose()?;
     let (iface, options) = target.enter()?;
     let target = Target::new(&iface)?;
     let swapped = match incoming {
         Some((artifact, signed)) => {
-            swap::swap_with(state, &target, &artifact, &Change { signed, ..Change::command("swap") }, &options)?
+            let change = Change { signed, reason: super::pull::pulled_reason(pulled), ..Change::command("swap") };
+            swap::swap_with(state, &target, &artifact, &change, &options)?
         }
         None => swap::settle(state, &target, &options)?,
     };

@@ -4,6 +4,7 @@ pub mod attach;
 pub mod decap;
 pub mod preflight;
 pub mod prune;
+pub mod registry;
 pub mod status;
 pub mod swap;
 pub mod verify;
