@@ -22,8 +22,8 @@ use lb_common::{
     wire::{
         EthHdr, IcmpHdr, Ipv4Hdr, Ipv6Hdr, VlanHdr, ENCAP_TTL, ETH_HEADER_LEN, ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REPLY,
         ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-        ICMP_HEADER_LEN, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_OFFSET,
-        IPV4_HEADER_LEN, IPV6_ADDRESSES_OFFSET, IPV6_HEADER_LEN, TCP_ACK, TCP_FLAGS_OFFSET, TCP_SYN, VLAN_HEADER_LEN,
+        ICMP_HEADER_LEN, IPPROTO_ICMPV6, IPPROTO_TCP, IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_OFFSET, IPV4_HEADER_LEN,
+        IPV6_ADDRESSES_OFFSET, IPV6_HEADER_LEN, VLAN_HEADER_LEN,
     },
 };
 use lb_ebpf::parse::{frame_len, parse_l2, ptr_at, read_at, ref_at, L2};
@@ -111,14 +111,11 @@ fn make_answer<A, I>(ctx: &XdpContext, l2: &L2, quote: usize) -> Option<(*mut A,
     Some((ptr_at::<A>(ctx, at)?, ptr_at::<I>(ctx, at + core::mem::size_of::<A>())?))
 }
 
-/// Whether the packet goes in GUE: TCP other than a connection's first packet, to a slot
-/// with a lineage (main's `second_chance`). The transport header is whole.
+/// Whether the packet goes in GUE, as `forward` decides it: a slot with a lineage (`hops`),
+/// and a packet that takes the second chance.
 #[inline(always)]
 fn second_chance(ctx: &XdpContext, l4: usize, protocol: u8, hops: u32) -> bool {
-    if hops == 0 || protocol != IPPROTO_TCP {
-        return false;
-    }
-    read_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).is_some_and(|flags| flags & (TCP_SYN | TCP_ACK) != TCP_SYN)
+    hops != 0 && crate::takes_second_chance(ctx, l4, protocol)
 }
 
 /// An ICMP packet (IPv4 protocol 1): echo requests to a VIP address answered, any other type
@@ -179,11 +176,6 @@ const QUOTE_V6: usize = IPV6_HEADER_LEN + ICMP_HEADER_LEN;
 /// The quoted transport bytes an error must hold: the ports, and TCP's sequence number.
 const QUOTED_TRANSPORT: usize = 8;
 
-#[inline(always)]
-fn is_quotable(protocol: u8) -> bool {
-    protocol == IPPROTO_TCP || protocol == IPPROTO_UDP
-}
-
 /// The destination unreachable [`icmp_v4`] left: sent to the backend of the flow it quotes.
 #[inline(never)]
 pub fn steer_v4(ctx: &XdpContext) -> Reason {
@@ -201,7 +193,7 @@ pub fn steer_v4(ctx: &XdpContext) -> Reason {
     };
     if quoted.version_ihl != 0x45
         || quoted.frag_off() & IPV4_FRAGMENT_OFFSET != 0
-        || !is_quotable(quoted.protocol)
+        || !crate::is_vip_protocol(quoted.protocol)
         || quoted.saddr != ip.daddr
     {
         return Reason::DropIcmpMalformed;
@@ -245,7 +237,7 @@ pub fn steer_v6(ctx: &XdpContext) -> Reason {
     let Some(ports) = read_at::<u32>(ctx, l3 + QUOTE_V6 + IPV6_HEADER_LEN) else {
         return Reason::DropIcmpMalformed;
     };
-    if quoted.version() != 6 || !is_quotable(quoted.next_header) || quoted.saddr != ip.daddr {
+    if quoted.version() != 6 || !crate::is_vip_protocol(quoted.next_header) || quoted.saddr != ip.daddr {
         return Reason::DropIcmpMalformed;
     }
     let key = VipKey { addr: quoted.saddr, port: ports as u16, protocol: quoted.next_header, family: FAMILY_IPV6 };

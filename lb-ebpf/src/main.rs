@@ -179,21 +179,23 @@ fn dport(ports: u32) -> u16 {
 }
 
 /// The lineage to carry in GUE, for a TCP packet other than a SYN to a slot that changed
-/// owner. A SYN starts a connection: the new owner takes it. UDP has no second chance.
+/// owner (see [`takes_second_chance`]).
 /// `l4` is recomputed by the callers from the link layer (no IPv4 options get this far):
 /// keeping the parser's offset alive until here costs the common path register spills.
 #[inline(always)]
 fn second_chance(ctx: &XdpContext, l4: usize, protocol: u8, pick: &Pick) -> Option<&'static Lineage> {
     let lineage = pick.lineage?;
-    if protocol != IPPROTO_TCP {
-        return None;
-    }
+    takes_second_chance(ctx, l4, protocol).then_some(lineage)
+}
+
+/// Whether a packet of `protocol` with its transport header at `l4` goes in GUE when its slot
+/// has a lineage: TCP other than a connection's first packet (a SYN is the new owner's). UDP
+/// has no second chance.
+#[inline(always)]
+fn takes_second_chance(ctx: &XdpContext, l4: usize, protocol: u8) -> bool {
     // The transport header is whole (transport_offset): its flags byte is there.
-    let flags = read_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET)?;
-    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return None;
-    }
-    Some(lineage)
+    protocol == IPPROTO_TCP
+        && read_at::<u8>(ctx, l4 + TCP_FLAGS_OFFSET).is_some_and(|flags| flags & (TCP_SYN | TCP_ACK) != TCP_SYN)
 }
 
 /// A second-chance packet about to be encapsulated in GUE with its lineage's hops.
